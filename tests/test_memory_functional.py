@@ -1,0 +1,113 @@
+"""The chunk-parallel update (`memory/functional.py`) against the plain loop (`memory/naive.py`)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from titans_pytorch import LinearMemory, MemoryMLP, ResidualNormMemory
+from titans_pytorch.memory.functional import chunk_coefficients, clip_factors, memory_chunks
+from titans_pytorch.memory.naive import memory_reference
+
+MODELS = {
+    "linear": lambda d: LinearMemory(d),
+    "mlp2": lambda d: MemoryMLP(d, depth=2, expansion=2),
+    "residual_norm": lambda d: ResidualNormMemory(d, depth=2, expansion=2),
+}
+
+
+def random_problem(model, heads, length, momentum, forget, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dim = next(model.parameters()).shape[0]
+    weights = {n: p.detach()[None].repeat(heads, *([1] * p.ndim)) for n, p in model.named_parameters()}
+    weights = {n: w + 0.1 * torch.randn(w.shape, generator=gen) for n, w in weights.items()}
+    mom = {n: 0.05 * torch.randn(w.shape, generator=gen) for n, w in weights.items()} if momentum else None
+    keys, values, queries = F.normalize(torch.randn(3, heads, length, dim, generator=gen), dim=-1).unbind(0)
+    lr = 0.2 * torch.rand(heads, length, generator=gen)
+    log_mom = F.logsigmoid(torch.randn(heads, length, generator=gen) + 1) if momentum else None
+    log_ret = F.logsigmoid(torch.randn(heads, length, generator=gen) + 3) if forget else None
+    return weights, mom, keys, values, queries, lr, log_mom, log_ret
+
+
+def run_fast(forward_fn, problem, chunk, refresh_every=1, max_grad_norm=None):
+    weights, mom, keys, values, queries, lr, log_mom, log_ret = problem
+    heads, length = keys.shape[:2]
+    n = length // chunk
+
+    def chunked(t):
+        return None if t is None else t.reshape(heads, n, chunk, *t.shape[2:])
+
+    w, m, r = memory_chunks(
+        forward_fn, weights, mom, chunked(keys), chunked(values), chunked(lr), chunked(log_mom), chunked(log_ret),
+        chunked(queries), refresh_every=refresh_every, max_grad_norm=max_grad_norm,
+    )
+    return w, m, r.reshape(heads, length, -1)
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("chunk", [1, 4])
+@pytest.mark.parametrize("momentum", [True, False])
+@pytest.mark.parametrize("forget", [True, False])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_chunked_equals_reference_loop(float64, model_name, chunk, momentum, forget, heads):
+    model = MODELS[model_name](6)
+    forward_fn = lambda p, x: functional_call(model, p, (x,))  # noqa: E731
+    problem = random_problem(model, heads, 16, momentum, forget)
+    fast = run_fast(forward_fn, problem, chunk)
+    weights, mom, keys, values, queries, lr, log_mom, log_ret = problem
+    ref = memory_reference(forward_fn, weights, mom, keys, values, queries, lr, log_mom, log_ret, chunk_size=chunk)
+    torch.testing.assert_close(fast[2], ref[2], atol=1e-9, rtol=0)
+    for name in weights:
+        torch.testing.assert_close(fast[0][name], ref[0][name], atol=1e-9, rtol=0)
+        if momentum:
+            torch.testing.assert_close(fast[1][name], ref[1][name], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("chunk,refresh_every", [(2, 3), (4, 2), (1, 4)])
+@pytest.mark.parametrize("momentum", [True, False])
+def test_refresh_spans_equal_reference_loop(float64, chunk, refresh_every, momentum):
+    model = MODELS["residual_norm"](6)
+    forward_fn = lambda p, x: functional_call(model, p, (x,))  # noqa: E731
+    problem = random_problem(model, 2, 24, momentum, True, seed=1)
+    fast = run_fast(forward_fn, problem, chunk, refresh_every)
+    weights, mom, keys, values, queries, lr, log_mom, log_ret = problem
+    ref = memory_reference(
+        forward_fn, weights, mom, keys, values, queries, lr, log_mom, log_ret, chunk_size=chunk, refresh_every=refresh_every
+    )
+    torch.testing.assert_close(fast[2], ref[2], atol=1e-9, rtol=0)
+    for name in weights:
+        torch.testing.assert_close(fast[0][name], ref[0][name], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_clipped_gradients_equal_reference_loop(float64, chunk):
+    model = MODELS["mlp2"](6)
+    forward_fn = lambda p, x: functional_call(model, p, (x,))  # noqa: E731
+    problem = random_problem(model, 2, 16, True, True, seed=2)
+    fast = run_fast(forward_fn, problem, chunk, max_grad_norm=0.05)
+    weights, mom, keys, values, queries, lr, log_mom, log_ret = problem
+    ref = memory_reference(
+        forward_fn, weights, mom, keys, values, queries, lr, log_mom, log_ret, chunk_size=chunk, max_grad_norm=0.05
+    )
+    torch.testing.assert_close(fast[2], ref[2], atol=1e-10, rtol=0)
+    unclipped = run_fast(forward_fn, problem, chunk)
+    assert not torch.allclose(unclipped[2], fast[2]), "the clip threshold must be active in this test"
+
+
+def test_clip_factors_never_inflate_and_keep_zero():
+    norms = torch.tensor([0.0, 0.5, 1.0, 2.0, 1e30])
+    factors = clip_factors(norms, 1.0)
+    assert torch.all(factors <= 1) and factors[0] == 1 and factors[1] == 1
+    assert torch.all(norms * factors <= 1.0 + 1e-6)
+    torch.testing.assert_close(norms[3] * factors[3], torch.tensor(1.0))
+
+
+def test_coefficients_are_finite_for_extreme_decays(float64):
+    # decays compound in log space: a product that underflows must give 0, never NaN or inf
+    lr = torch.full((64,), 0.5)
+    log_momentum = torch.full((64,), -50.0)
+    log_retain = torch.full((64,), -30.0)
+    coeffs = chunk_coefficients(lr, log_momentum, log_retain)
+    for value in vars(coeffs).values():
+        assert torch.isfinite(value).all()
+    assert coeffs.log_weight_decay.exp() == 0

@@ -1,0 +1,261 @@
+"""NeuralMemory end to end: reference math, causality, streaming, gradients, numerics, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from titans_pytorch import LinearMemory, MemoryMLP, NeuralMemory, NeuralMemoryState
+from titans_pytorch.memory.naive import memory_reference
+
+
+def small_memory(**kwargs):
+    config = dict(dim=8, chunk_size=3, heads=2, dim_head=4)
+    config.update(kwargs)
+    torch.manual_seed(0)
+    return NeuralMemory(**config)
+
+
+def reference_forward(mem, seq):
+    """The module's own projections, then the plain per-token loop, then its output layer."""
+    state = mem.init_state(seq.shape[0], dtype=seq.dtype)
+    x = mem.norm(seq)
+    queries, _ = mem._queries(x, state)
+    keys, values, gates, _ = mem._keys_values_gates(x, state)
+    flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731
+    weights = {n: w.flatten(0, 1) for n, w in state.weights.items(include_nested=True, leaves_only=True)}
+    momentum = None
+    if state.momentum is not None:
+        momentum = {n: w.flatten(0, 1) for n, w in state.momentum.items(include_nested=True, leaves_only=True)}
+    _, _, retrieved = memory_reference(
+        mem._forward_fn, weights, momentum, flat(keys), flat(values), flat(queries), flat(gates["lr"]),
+        flat(gates.get("log_momentum")), flat(gates.get("log_retain")), chunk_size=mem.chunk_size,
+        refresh_every=mem.refresh_every, max_grad_norm=mem.max_grad_norm,
+    )
+    return mem._output(retrieved.view(*queries.shape), x)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+@pytest.mark.parametrize("momentum", [True, False])
+@pytest.mark.parametrize("forget", [True, False])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_module_equals_reference_loop(float64, chunk_size, momentum, forget, heads):
+    mem = small_memory(chunk_size=chunk_size, momentum=momentum, forget=forget, heads=heads, max_lr=0.5)
+    seq = torch.randn(2, 10, 8)  # 10 is not a multiple of 3: the last chunk is partial
+    torch.testing.assert_close(mem(seq), reference_forward(mem, seq), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp2"])
+def test_module_with_other_memory_models_equals_reference(float64, model):
+    net = LinearMemory(4) if model == "linear" else MemoryMLP(4, depth=2)
+    mem = small_memory(model=net, max_lr=0.5)
+    seq = torch.randn(2, 9, 8)
+    torch.testing.assert_close(mem(seq), reference_forward(mem, seq), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size,refresh_every", [(3, 1), (1, 1), (2, 3)])
+def test_causality(float64, chunk_size, refresh_every):
+    mem = small_memory(chunk_size=chunk_size, refresh_every=refresh_every)
+    seq = torch.randn(2, 14, 8)
+    out = mem(seq)
+    for t in (0, 4, 7, 13):
+        changed = seq.clone()
+        changed[:, t] += torch.randn(2, 8)
+        out_changed = mem(changed)
+        assert torch.equal(out_changed[:, :t], out[:, :t]), f"token {t} changed an earlier output"
+        assert not torch.allclose(out_changed[:, t], out[:, t])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_streaming_equals_one_call(float64, chunk_size):
+    mem = small_memory(chunk_size=chunk_size)
+    seq = torch.randn(2, 23, 8)
+    whole, whole_state = mem(seq, return_state=True)
+
+    gen = torch.Generator().manual_seed(3)
+    cuts = sorted(torch.randperm(22, generator=gen)[:6].add(1).tolist())
+    state, pieces = None, []
+    for start, end in zip([0, *cuts], [*cuts, 23]):
+        out, state = mem(seq[:, start:end], state=state, return_state=True)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-10, rtol=0)
+
+    state, tokens = None, []
+    for t in range(23):
+        out, state = mem(seq[:, t : t + 1], state=state, return_state=True)
+        tokens.append(out)
+    torch.testing.assert_close(torch.cat(tokens, dim=1), whole, atol=1e-10, rtol=0)
+    assert state.position == whole_state.position == 23
+    for name, weight in whole_state.weights.items(include_nested=True, leaves_only=True):
+        torch.testing.assert_close(state.weights[name], weight, atol=1e-10, rtol=0)
+
+
+def delta_rule_loop(mem, seq):
+    """Linear memory without momentum is a gated delta rule on the gradient point:
+    W <- a_t W + beta_t k_t^T (v_t - k_t W_point), beta_t = 2 theta_t, read o_t = q_t W_chunk_start."""
+    state = mem.init_state(seq.shape[0], dtype=seq.dtype)
+    x = mem.norm(seq)
+    queries, _ = mem._queries(x, state)
+    keys, values, gates, _ = mem._keys_values_gates(x, state)
+    beta = 2 * gates["lr"]
+    retain = gates["log_retain"].exp()
+    weight = state.weights["weights.0"].clone()  # (b, h, d, d), M(k) = k W
+    outputs = torch.zeros_like(queries)
+    point = weight
+    for t in range(seq.shape[1]):
+        if t % mem.chunk_size == 0:
+            point = weight.clone()
+        outputs[:, :, t] = torch.einsum("bhd,bhde->bhe", queries[:, :, t], point)
+        error = values[:, :, t] - torch.einsum("bhd,bhde->bhe", keys[:, :, t], point)
+        outer = torch.einsum("bhd,bhe->bhde", keys[:, :, t], error)
+        weight = retain[:, :, t, None, None] * weight + beta[:, :, t, None, None] * outer
+    return mem._output(outputs, x)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_linear_memory_without_momentum_is_gated_delta_rule(float64, chunk_size):
+    mem = small_memory(model=LinearMemory(4), momentum=False, chunk_size=chunk_size, max_lr=0.5)
+    seq = torch.randn(2, 13, 8)
+    torch.testing.assert_close(mem(seq), delta_rule_loop(mem, seq), atol=1e-10, rtol=0)
+
+
+def test_gradient_reaches_every_parameter():
+    mem = small_memory(heads=2)
+    seq = torch.randn(2, 10, 8, requires_grad=True)
+    out, state = mem(seq, return_state=True)
+    loss = out.square().mean() + sum(w.square().sum() for w in state.weights.values(True, True))
+    loss.backward()
+    for name, param in mem.named_parameters():
+        assert param.grad is not None, f"{name} received no gradient"
+        assert param.grad.abs().sum() > 0, f"{name} received a zero gradient"
+    assert seq.grad.abs().sum() > 0
+
+
+def test_state_detach_allows_truncated_backprop():
+    mem = small_memory()
+    seq = torch.randn(2, 12, 8)
+    state = None
+    for piece in seq.split(6, dim=1):
+        out, state = mem(piece, state=state, return_state=True)
+        out.sum().backward()  # would raise "backward through the graph a second time" without detach
+        state = state.detach()
+    assert all(not w.requires_grad for w in state.weights.values(True, True))
+
+
+def test_bf16_autocast_keeps_inner_loop_float32():
+    mem = small_memory()
+    seq = torch.randn(2, 12, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = mem(seq, return_state=True)
+    assert torch.isfinite(out).all()
+    assert all(w.dtype == torch.float32 for w in state.weights.values(True, True))
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in mem.parameters() if p.grad is not None)
+
+
+def test_stable_on_8k_random_tokens():
+    torch.manual_seed(0)
+    mem = NeuralMemory(dim=256, heads=4, dim_head=64, chunk_size=16)
+    with torch.no_grad():
+        out, state = mem(torch.randn(1, 8192, 256), return_state=True)
+    assert torch.isfinite(out).all() and out.abs().max() < 50
+    assert all(torch.isfinite(w).all() and w.abs().max() < 100 for w in state.weights.values(True, True))
+
+
+def test_seed_example_shapes_and_single_token():
+    mem = NeuralMemory(dim=16, chunk_size=4, pre_rmsnorm=True)
+    seq = torch.randn(2, 10, 16)
+    assert mem(seq).shape == seq.shape
+    assert mem(seq[:, :1]).shape == (2, 1, 16)
+
+
+def test_retrieve_and_store_compose_to_forward(float64):
+    # forward = per chunk, read at the chunk start, then write: with one chunk both halves agree
+    mem = small_memory(chunk_size=4)
+    seq = torch.randn(2, 4, 8)
+    out, state = mem(seq, return_state=True)
+    read, _ = mem.retrieve(seq)
+    torch.testing.assert_close(out, read)
+    stored = mem.store(seq)
+    for name, weight in state.weights.items(True, True):
+        torch.testing.assert_close(stored.weights[name], weight)
+
+
+class WithBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x):
+        return x @ self.weight * self.scale
+
+
+class Shrinks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 2))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+class MixesTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return (x @ self.weight).cumsum(-2)
+
+
+class DeadParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.unused = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(chunk_size=-2), ValueError, "chunk_size"),
+        (dict(heads=3, dim_head=None), ValueError, "divisible by heads"),
+        (dict(max_lr=0.0), ValueError, "max_lr"),
+        (dict(max_grad_norm=-1.0), ValueError, "max_grad_norm"),
+        (dict(scan_backend="fastest"), ValueError, "scan_backend"),
+        (dict(model=WithBuffer()), ValueError, "buffers"),
+        (dict(model=Shrinks()), ValueError, "must map"),
+        (dict(model=MixesTokens()), ValueError, "independently"),
+        (dict(model=DeadParameter()), ValueError, "do not take part"),
+        (dict(model="mlp"), TypeError, "nn.Module"),
+    ],
+)
+def test_bad_construction_raises(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        small_memory(**kwargs)
+
+
+def test_bad_inputs_raise():
+    mem = small_memory()
+    with pytest.raises(ValueError, match="batch, seq_len, dim=8"):
+        mem(torch.randn(10, 8))
+    with pytest.raises(ValueError, match="dim=8"):
+        mem(torch.randn(2, 10, 7))
+    with pytest.raises(TypeError, match="floating point"):
+        mem(torch.ones(2, 10, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="NeuralMemoryState"):
+        mem(torch.randn(2, 10, 8), state={"weights": 1})
+    _, state = mem(torch.randn(2, 5, 8), return_state=True)
+    with pytest.raises(ValueError, match="does not belong"):
+        mem(torch.randn(3, 5, 8), state=state)  # other batch size
+    other = small_memory(dim_head=8)
+    with pytest.raises(ValueError, match="does not belong"):
+        other(torch.randn(2, 5, 8), state=state)
+    no_momentum = small_memory(momentum=False)
+    with pytest.raises(ValueError, match="momentum"):
+        no_momentum(torch.randn(2, 5, 8), state=state)
+    assert isinstance(state, NeuralMemoryState)

@@ -1,0 +1,376 @@
+"""`NeuralMemory`: the Titans long-term memory as an `nn.Module`, and its streaming state."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from tensordict import TensorDict
+from torch import nn
+from torch.func import functional_call
+
+from .memory.functional import memory_chunks
+from .memory.scan import BACKENDS
+from .memory_models import ResidualNormMemory, validate_memory_model
+
+
+@dataclass
+class NeuralMemoryState:
+    """Everything a `NeuralMemory` carries from one call to the next.
+
+    - `weights`: the current fast weights, a TensorDict with batch size `(batch, heads)`
+      whose entries are the memory model's parameters (`W_t`).
+    - `momentum`: the momentum `S_t`, same layout, or None when momentum is off.
+    - `pending`: keys, values and gates `(batch, heads, p, ...)` of the `p < chunk_size`
+      tokens of a chunk that is not complete yet (they are stored once it is), or None.
+    - `conv`: the last `kernel - 1` inputs of each causal convolution (`"query"`,
+      `"key_value"`), so that a sequence split across calls is convolved as one.
+    - `position`: how many tokens have been stored (including pending ones).
+
+    `detach()` cuts the autograd history (truncated backprop across training steps).
+    """
+
+    weights: TensorDict
+    momentum: TensorDict | None
+    pending: TensorDict | None
+    conv: dict
+    position: int
+
+    def detach(self) -> "NeuralMemoryState":
+        return NeuralMemoryState(
+            weights=self.weights.detach(),
+            momentum=self.momentum.detach() if self.momentum is not None else None,
+            pending=self.pending.detach() if self.pending is not None else None,
+            conv={name: t.detach() for name, t in self.conv.items()},
+            position=self.position,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.weights.batch_size[0]
+
+
+class CausalDepthwiseConv(nn.Module):
+    """Depthwise 1-D convolution over time that sees only the past; streams via a cache."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+
+    def forward(self, x, cache):
+        """x `(b, n, channels)`, cache `(b, kernel - 1, channels)` -> (out, new cache)."""
+        x = torch.cat((cache.to(x.dtype), x), dim=1)
+        out = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        return out, x[:, x.shape[1] - (self.kernel_size - 1) :]
+
+
+class NeuralMemory(nn.Module):
+    """The neural long-term memory of Titans (Behrouz et al., 2024).
+
+    `mem(seq)` with `seq (batch, seq_len, dim)` returns the retrieved sequence, same shape.
+    Tokens of chunk `j` read the memory as it stood after chunk `j - 1`, then the chunk is
+    written into it (retrieve, then store); output `t` depends on inputs `<= t` only.
+    `mem(seq, state=state, return_state=True)` returns `(retrieved, state)` and continues
+    from `state` (None: the learned initial memory). `retrieve` and `store` do the two
+    halves separately (used by memory-as-context).
+
+    Arguments follow the paper: `chunk_size` tokens share a gradient point; per token and
+    head a learning rate `theta` (at most `max_lr`, default `1 / chunk_size`), momentum
+    `eta` and forgetting `alpha` are predicted from the input (sigmoids initialised at
+    `init_lr * max_lr`, `init_momentum`, `init_forget`); keys and queries are L2-normalised.
+    `momentum=False` / `forget=False` switch those terms off. `refresh_every=k` takes the
+    gradients of `k` consecutive chunks at one point (faster, weaker; default 1, the paper's
+    form). `max_grad_norm` clips each token's inner gradient. `model` is the memory network
+    on `dim_head` features (default `ResidualNormMemory`, `x + LN(mlp(x))`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        chunk_size: int = 16,
+        heads: int = 1,
+        dim_head: int | None = None,
+        model: nn.Module | None = None,
+        pre_rmsnorm: bool = True,
+        momentum: bool = True,
+        forget: bool = True,
+        max_lr: float | None = None,
+        init_lr: float = 0.5,
+        init_momentum: float = 0.9,
+        init_forget: float = 0.01,
+        qkv_activation: bool = True,
+        conv_kernel_size: int | None = 4,
+        qk_l2norm: bool = True,
+        refresh_every: int = 1,
+        max_grad_norm: float | None = None,
+        scan_backend: str = "auto",
+    ):
+        super().__init__()
+        for name, value in (("dim", dim), ("chunk_size", chunk_size), ("heads", heads), ("refresh_every", refresh_every)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if dim_head is None:
+            if dim % heads != 0:
+                raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) when dim_head is not given")
+            dim_head = dim // heads
+        if not isinstance(dim_head, int) or dim_head <= 0:
+            raise ValueError(f"dim_head must be a positive integer, got {dim_head!r}")
+        if max_lr is None:
+            # every gradient of a chunk is taken at one point, so the chunk's summed step is what
+            # must stay bounded: theta <= 1 / chunk_size keeps it so (see README, "Stability")
+            max_lr = 1.0 / chunk_size
+        if not max_lr > 0:
+            raise ValueError(f"max_lr must be positive, got {max_lr}")
+        for name, value in (("init_lr", init_lr), ("init_momentum", init_momentum), ("init_forget", init_forget)):
+            if not 0 < value < 1:
+                raise ValueError(f"{name} must lie in (0, 1), got {value}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        if scan_backend not in BACKENDS:
+            raise ValueError(f"scan_backend must be one of {BACKENDS}, got {scan_backend!r}")
+        if conv_kernel_size is not None and (not isinstance(conv_kernel_size, int) or conv_kernel_size < 1):
+            raise ValueError(f"conv_kernel_size must be a positive integer or None, got {conv_kernel_size!r}")
+
+        self.dim, self.heads, self.dim_head, self.chunk_size = dim, heads, dim_head, chunk_size
+        self.max_lr, self.refresh_every, self.max_grad_norm = max_lr, refresh_every, max_grad_norm
+        self.scan_backend, self.qk_l2norm, self.qkv_activation = scan_backend, qk_l2norm, qkv_activation
+        dim_inner = heads * dim_head
+
+        self.model = model if model is not None else ResidualNormMemory(dim_head)
+        validate_memory_model(self.model, dim_head)
+
+        self.norm = nn.RMSNorm(dim) if pre_rmsnorm else nn.Identity()
+        self.to_queries = nn.Linear(dim, dim_inner, bias=False)
+        self.to_keys_values = nn.Linear(dim, 2 * dim_inner, bias=False)
+        self.conv_kernel_size = conv_kernel_size if conv_kernel_size and conv_kernel_size > 1 else None
+        if self.conv_kernel_size:
+            self.query_conv = CausalDepthwiseConv(dim_inner, self.conv_kernel_size)
+            self.key_value_conv = CausalDepthwiseConv(2 * dim_inner, self.conv_kernel_size)
+
+        # data-dependent gates, one scalar per token and head (theta, eta, alpha)
+        self.to_lr = self._gate(dim, heads, init_lr)
+        self.to_momentum = self._gate(dim, heads, init_momentum) if momentum else None
+        self.to_forget = self._gate(dim, heads, init_forget) if forget else None
+
+        # output: per-head RMSNorm, then a per-head sigmoid gate and a projection when heads > 1
+        self.out_norm_scale = nn.Parameter(torch.ones(heads, dim_head))
+        self.out_gate = nn.Linear(dim, heads) if heads > 1 else None
+        self.to_out = nn.Linear(dim_inner, dim, bias=False) if (heads > 1 or dim_inner != dim) else nn.Identity()
+
+    @staticmethod
+    def _gate(dim, heads, init):
+        gate = nn.Linear(dim, heads)
+        nn.init.normal_(gate.weight, std=0.02)
+        nn.init.constant_(gate.bias, math.log(init / (1 - init)))
+        return gate
+
+    # ------------------------------------------------------------------ state
+
+    def _forward_fn(self, params, x):
+        return functional_call(self.model, params, (x,))
+
+    def init_state(self, batch: int, device=None, dtype=None) -> NeuralMemoryState:
+        """The learned initial memory `W_0` for `batch` sequences, zero momentum, nothing pending."""
+        params = dict(self.model.named_parameters())
+        device = device or next(iter(params.values())).device
+        dtype = dtype or torch.promote_types(next(iter(params.values())).dtype, torch.float32)
+        weights = TensorDict(
+            {name: p.to(dtype).expand(batch, self.heads, *p.shape) for name, p in params.items()},
+            batch_size=[batch, self.heads],
+        )
+        momentum = None
+        if self.to_momentum is not None:
+            momentum = TensorDict(
+                {name: torch.zeros(batch, self.heads, *p.shape, device=device, dtype=dtype) for name, p in params.items()},
+                batch_size=[batch, self.heads],
+            )
+        conv = {}
+        if self.conv_kernel_size:
+            width = self.conv_kernel_size - 1
+            inner = self.heads * self.dim_head
+            conv = {
+                "query": torch.zeros(batch, width, inner, device=device, dtype=dtype),
+                "key_value": torch.zeros(batch, width, 2 * inner, device=device, dtype=dtype),
+            }
+        return NeuralMemoryState(weights, momentum, None, conv, 0)
+
+    def _check_input(self, seq, name="seq"):
+        if not torch.is_tensor(seq):
+            raise TypeError(f"{name} must be a tensor of shape (batch, seq_len, {self.dim}), got {type(seq).__name__}")
+        if seq.ndim != 3 or seq.shape[-1] != self.dim:
+            raise ValueError(f"{name} must have shape (batch, seq_len, dim={self.dim}), got {tuple(seq.shape)}")
+        if not seq.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got {seq.dtype}")
+
+    def _check_state(self, state, batch, device, dtype):
+        if state is None:
+            return self.init_state(batch, device=device, dtype=dtype)
+        if not isinstance(state, NeuralMemoryState):
+            raise TypeError(f"state must be a NeuralMemoryState or None, got {type(state).__name__}")
+        expected = {name: (batch, self.heads, *p.shape) for name, p in self.model.named_parameters()}
+        found = {name: tuple(t.shape) for name, t in state.weights.items(include_nested=True, leaves_only=True)}
+        if found != expected:
+            raise ValueError(
+                "state does not belong to this memory (different batch size, heads or memory model): "
+                f"expected weights {expected}, got {found}"
+            )
+        if (state.momentum is None) != (self.to_momentum is None):
+            raise ValueError("state does not belong to this memory: momentum is on in one and off in the other")
+        if set(state.conv) != ({"query", "key_value"} if self.conv_kernel_size else set()):
+            raise ValueError("state does not belong to this memory: its convolution caches differ")
+        return state
+
+    # ------------------------------------------------------------ projections
+
+    def _queries(self, x, state, convolve=True):
+        queries = self.to_queries(x)
+        if self.qkv_activation:
+            queries = F.silu(queries)
+        conv = dict(state.conv)
+        if self.conv_kernel_size and convolve:
+            queries, conv["query"] = self.query_conv(queries, state.conv["query"])
+        queries = rearrange(queries, "b n (h d) -> b h n d", h=self.heads)
+        if self.qk_l2norm:
+            queries = F.normalize(queries, dim=-1)
+        return queries, conv
+
+    def _keys_values_gates(self, x, state):
+        keys_values = self.to_keys_values(x)
+        if self.qkv_activation:
+            keys_values = F.silu(keys_values)
+        conv = dict(state.conv)
+        if self.conv_kernel_size:
+            keys_values, conv["key_value"] = self.key_value_conv(keys_values, state.conv["key_value"])
+        keys, values = rearrange(keys_values, "b n (kv h d) -> kv b h n d", kv=2, h=self.heads)
+        if self.qk_l2norm:
+            keys = F.normalize(keys, dim=-1)
+        to_heads = lambda t: rearrange(t, "b n h -> b h n")  # noqa: E731
+        gates = {"lr": self.max_lr * torch.sigmoid(to_heads(self.to_lr(x)))}
+        if self.to_momentum is not None:
+            gates["log_momentum"] = F.logsigmoid(to_heads(self.to_momentum(x)))  # log eta
+        if self.to_forget is not None:
+            gates["log_retain"] = F.logsigmoid(-to_heads(self.to_forget(x)))  # log (1 - alpha)
+        return keys, values, gates, conv
+
+    def _output(self, retrieved, x):
+        """retrieved `(b, h, n, d)` -> `(b, n, dim)`: per-head RMSNorm, gate, merge, project."""
+        retrieved = F.rms_norm(retrieved, retrieved.shape[-1:]) * self.out_norm_scale[:, None].to(retrieved.dtype)
+        retrieved = retrieved.to(x.dtype)
+        if self.out_gate is not None:
+            retrieved = retrieved * rearrange(torch.sigmoid(self.out_gate(x)), "b n h -> b h n 1")
+        return self.to_out(rearrange(retrieved, "b h n d -> b n (h d)"))
+
+    # ------------------------------------------------------------- core paths
+
+    def _inner_dtype(self, dtype):
+        # the test-time optimisation runs in float32 (or float64 when given), never in half precision
+        return torch.promote_types(dtype, torch.float32)
+
+    def _read(self, weights, queries):
+        """queries `(b, h, n, d)` read at `weights` -> `(b, h, n, d)`."""
+        flat = {name: w.flatten(0, 1) for name, w in weights.items(include_nested=True, leaves_only=True)}
+        out = torch.vmap(self._forward_fn)(flat, queries.flatten(0, 1).to(next(iter(flat.values())).dtype))
+        return out.view(*queries.shape[:2], *out.shape[1:])
+
+    def _advance(self, state, keys, values, gates, queries=None):
+        """Store keys/values/gates `(b, h, n, ...)` after `state.pending`; read queries aligned
+        with the new tokens at their chunk-start weights. Returns (state, retrieved or None)."""
+        batch, heads, new = keys.shape[:3]
+        inner = self._inner_dtype(keys.dtype)
+        fields = {"keys": keys, "values": values, **gates}
+        fields = {name: t.to(inner) for name, t in fields.items()}
+        pending = 0
+        if state.pending is not None:
+            pending = state.pending["keys"].shape[2]
+            fields = {name: torch.cat((state.pending[name], t), dim=2) for name, t in fields.items()}
+        total = pending + new
+        whole = (total // self.chunk_size) * self.chunk_size
+        num_chunks = whole // self.chunk_size
+
+        if queries is not None:
+            queries = queries.to(inner)
+            if pending:
+                queries = torch.cat((queries.new_zeros(batch, heads, pending, queries.shape[-1]), queries), dim=2)
+
+        flat = lambda td: None if td is None else {n: t.flatten(0, 1) for n, t in td.items(include_nested=True, leaves_only=True)}  # noqa: E731
+
+        def chunked(t):
+            return t[:, :, :whole].reshape(batch * heads, num_chunks, self.chunk_size, *t.shape[3:])
+
+        weights, momentum, retrieved = flat(state.weights), flat(state.momentum), None
+        if num_chunks:
+            weights, momentum, retrieved = memory_chunks(
+                self._forward_fn,
+                weights,
+                momentum,
+                chunked(fields["keys"]),
+                chunked(fields["values"]),
+                chunked(fields["lr"]),
+                chunked(fields["log_momentum"]) if "log_momentum" in fields else None,
+                chunked(fields["log_retain"]) if "log_retain" in fields else None,
+                chunked(queries) if queries is not None else None,
+                refresh_every=self.refresh_every,
+                max_grad_norm=self.max_grad_norm,
+                scan_backend=self.scan_backend,
+            )
+
+        unflat = lambda d: None if d is None else TensorDict(  # noqa: E731
+            {n: t.view(batch, heads, *t.shape[1:]) for n, t in d.items()}, batch_size=[batch, heads]
+        )
+        new_weights = unflat(weights)
+        rest = {name: t[:, :, whole:] for name, t in fields.items()}
+        new_pending = TensorDict(rest, batch_size=[batch, heads]) if total > whole else None
+        new_state = NeuralMemoryState(new_weights, unflat(momentum), new_pending, state.conv, state.position + new)
+
+        if queries is None:
+            return new_state, None
+        outputs = []
+        if num_chunks:
+            outputs.append(retrieved.view(batch, heads, whole, -1))
+        if total > whole:
+            outputs.append(self._read(new_weights, queries[:, :, whole:]))
+        return new_state, torch.cat(outputs, dim=2)[:, :, pending:]
+
+    # ------------------------------------------------------------- public API
+
+    def forward(self, seq, state: NeuralMemoryState | None = None, return_state: bool = False):
+        """seq `(batch, seq_len, dim)` -> retrieved `(batch, seq_len, dim)` [, state]."""
+        self._check_input(seq)
+        state = self._check_state(state, seq.shape[0], seq.device, self._inner_dtype(seq.dtype))
+        x = self.norm(seq)
+        queries, conv = self._queries(x, state)
+        keys, values, gates, conv = self._keys_values_gates(x, replace(state, conv=conv))
+        with torch.autocast(seq.device.type, enabled=False):
+            state, retrieved = self._advance(state, keys, values, gates, queries)
+        state = replace(state, conv=conv)
+        out = self._output(retrieved, x)
+        return (out, state) if return_state else out
+
+    def retrieve(self, seq, state: NeuralMemoryState | None = None, convolve: bool = True):
+        """Read the memory without writing: seq `(batch, n, dim)` -> `(retrieved, state)`.
+
+        Reads at `state.weights` (the start of the current chunk). With `convolve=False`
+        the query convolution is skipped and its cache untouched (for token sets that are
+        not a time series, such as learned query tokens).
+        """
+        self._check_input(seq)
+        state = self._check_state(state, seq.shape[0], seq.device, self._inner_dtype(seq.dtype))
+        x = self.norm(seq)
+        queries, conv = self._queries(x, state, convolve)
+        with torch.autocast(seq.device.type, enabled=False):
+            retrieved = self._read(state.weights, queries.to(self._inner_dtype(queries.dtype)))
+        return self._output(retrieved, x), replace(state, conv=conv)
+
+    def store(self, seq, state: NeuralMemoryState | None = None) -> NeuralMemoryState:
+        """Write seq `(batch, n, dim)` into the memory; returns the new state."""
+        self._check_input(seq)
+        state = self._check_state(state, seq.shape[0], seq.device, self._inner_dtype(seq.dtype))
+        x = self.norm(seq)
+        keys, values, gates, conv = self._keys_values_gates(x, state)
+        with torch.autocast(seq.device.type, enabled=False):
+            state, _ = self._advance(state, keys, values, gates)
+        return replace(state, conv=conv)
