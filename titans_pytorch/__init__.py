@@ -11,3 +11,8 @@ __all__ = [
     "ResidualNormMemory",
     "validate_memory_model",
 ]
+
+from .mac import MemoryAsContextTransformer
+from .transformer import TitansTransformer, TransformerCache
+
+__all__ += ["MemoryAsContextTransformer", "TitansTransformer", "TransformerCache"]

@@ -1,0 +1,212 @@
+"""Speed and memory of `NeuralMemory`, measured against this machine's matmul rate.
+
+    python benchmarks/bench_memory.py                 # full run (CUDA if available)
+    python benchmarks/bench_memory.py --threads 1     # the CPU reference setting
+    python benchmarks/bench_memory.py --quick         # tiny sizes, smoke test
+
+Prints (1) the fp32 rate of a 2048^3 matmul, (2) forward / forward+backward time, tokens/s,
+peak memory and an analytic FLOP count for a few configurations, (3) a sequence-length sweep
+of the seed configuration next to one causal softmax attention layer of the same width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titans_pytorch import NeuralMemory
+
+
+def memory_flops(batch, seq_len, dim, heads, dim_head, expansion=4, sets=2):
+    """Analytic (forward, forward+backward) FLOPs of `NeuralMemory` with the default memory model.
+
+    Memory: per head a 2-layer MLP `d -> h = expansion * d -> d` (d = dim_head); one
+    token through one of its matmuls costs `2 d h`. Per token and head:
+      - forward of the memory on the key and on the query:   2 tokens * 2 layers * 2dh
+      - backward of the key's loss to the hidden activation:  sets * 2dh
+      - weight-gradient matmuls:                              2 layers * sets * 2dh
+    where `sets` is the number of cotangent sets of the chunk's vector-Jacobian product
+    (2 with momentum: the momentum and the weight sums; 1 without).
+    Per token: q/k/v projections 3 * 2 * dim * heads * d, output projection
+    2 * heads * d * dim when there is one (heads > 1 or heads * d != dim).
+    Norms, gates, convolutions and the (c x c) coefficient tensors are ignored.
+    Forward+backward is taken as ~3x forward (outer backward ~2x the forward it inverts).
+    """
+    d = dim_head
+    layer = 2 * d * int(expansion * d)
+    inner = 2 * 2 * layer + sets * layer + 2 * sets * layer
+    proj = 3 * 2 * dim * heads * d + (2 * heads * d * dim if heads > 1 or heads * d != dim else 0)
+    forward = batch * seq_len * (heads * inner + proj)
+    return forward, 3 * forward
+
+
+def median_time(fn, device, repeats):
+    """Median wall time of `fn()` in seconds over `repeats` runs, after one warm-up run."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def print_table(headers, rows):
+    """Plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for index, row in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+    print()
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class CausalAttention(nn.Module):
+    """The yardstick: one causal softmax attention layer (qkv projection, SDPA, out projection)."""
+
+    def __init__(self, dim, heads=8):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        b, n, dim = x.shape
+        q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, dim))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bf16"), default="float32", help="bf16: autocast bf16")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median is reported")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke-testing")
+    parser.add_argument("--skip-sweep", action="store_true", help="skip the sequence-length sweep")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    print(
+        f"device: {device_name(device)} ({device.type}) | dtype: {args.dtype} | "
+        f"threads: {torch.get_num_threads()} | torch {torch.__version__}"
+        + (" | QUICK (tiny sizes)" if args.quick else "")
+    )
+
+    # 1. this machine's fp32 matmul rate
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    matmul_rate = 2 * n**3 / median_time(lambda: a @ b, device, args.repeats)
+    print(f"fp32 matmul {n}x{n} @ {n}x{n}: {matmul_rate / 1e9:.1f} GFLOP/s\n")
+    del a, b
+
+    def timings(module, batch, seq_len, dim):
+        """(forward s, forward+backward s, peak MiB) of `module` on a (batch, seq_len, dim) input."""
+        x = torch.randn(batch, seq_len, dim, device=device)
+
+        def forward():
+            with torch.no_grad(), autocast:
+                module(x)
+
+        def forward_backward():
+            module.zero_grad(set_to_none=True)
+            with autocast:
+                loss = module(x).float().square().mean()
+            loss.backward()
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        fwd = median_time(forward, device, args.repeats)
+        fwd_bwd = median_time(forward_backward, device, args.repeats)
+        return fwd, fwd_bwd, peak_memory_mib(device)
+
+    # 2. configurations
+    seed_kwargs = dict(dim=384, chunk_size=64, pre_rmsnorm=True)
+    configs = [
+        ("seed", seed_kwargs, (2, 1024)),
+        ("paper-16", dict(dim=512, heads=8, dim_head=64, chunk_size=16), (8, 4096) if cuda else (2, 1024)),
+        ("refresh-4", dict(seed_kwargs, refresh_every=4), (2, 1024)),
+    ]
+    if args.quick:
+        configs = [(name, kwargs, (1, 256)) for name, kwargs, _ in configs]
+    rows, seed_times = [], None
+    for name, kwargs, (batch, seq_len) in configs:
+        mem = NeuralMemory(**kwargs).to(device)
+        fwd, fwd_bwd, peak = timings(mem, batch, seq_len, mem.dim)
+        flops_fwd, flops_fwd_bwd = memory_flops(batch, seq_len, mem.dim, mem.heads, mem.dim_head)
+        rows.append((
+            name, f"{batch}x{seq_len}", f"{fwd:.3f}", f"{fwd_bwd:.3f}", f"{batch * seq_len / fwd_bwd:,.0f}",
+            f"{peak:,.0f}", f"{flops_fwd / 1e9:.1f}", f"{flops_fwd_bwd / 1e9:.1f}",
+            f"{flops_fwd_bwd / fwd_bwd / matmul_rate:.1%}",
+        ))
+        if name == "seed":
+            seed_times = (fwd, fwd_bwd)
+        del mem
+    print_table(
+        ("config", "batch x len", "fwd s", "fwd+bwd s", "tok/s (f+b)",
+         "peak MiB" if cuda else "peak RSS MiB", "GFLOP fwd", "GFLOP f+b", "f+b / matmul"),
+        rows,
+    )
+    print(
+        "peak: torch.cuda.max_memory_allocated per config" if cuda
+        else "peak RSS: whole-process peak resident memory so far (monotone, includes earlier rows)"
+    )
+    print("GFLOP: analytic estimate (memory_flops); f+b / matmul: achieved fraction of the fp32 matmul rate\n")
+
+    # 3. sequence-length sweep: seed memory vs one causal attention layer, batch 1
+    if not args.skip_sweep:
+        lengths = (256, 512, 1024) if args.quick else (1024, 2048, 4096, 8192, 16384)
+        mem = NeuralMemory(**seed_kwargs).to(device)
+        attention = CausalAttention(mem.dim, heads=8).to(device)
+        rows = []
+        for seq_len in lengths:
+            _, mem_fb, _ = timings(mem, 1, seq_len, mem.dim)
+            _, attn_fb, _ = timings(attention, 1, seq_len, mem.dim)
+            rows.append((seq_len, f"{mem_fb:.3f}", f"{mem_fb / seq_len * 1024 * 1e3:.1f}", f"{attn_fb:.3f}"))
+        print("sweep (batch 1, seed config; attention: one causal SDPA layer, dim 384, 8 heads)")
+        print_table(("seq_len", "memory fwd+bwd s", "memory ms/1K tok", "attention fwd+bwd s"), rows)
+
+    # 4. the seed example against its bar (defined for CPU, 1 thread, 2 x 1024)
+    if not cuda and torch.get_num_threads() == 1 and seed_times is not None:
+        fwd, fwd_bwd = seed_times
+        note = " [quick sizes: not comparable to the bar]" if args.quick else ""
+        print(f"seed fwd {fwd:.3f} s (bar 0.8 s), fwd+bwd {fwd_bwd:.3f} s (bar 2.0 s){note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Local attention shared by every Titans model: segment (block) or sliding-window, causal,
+with learned persistent tokens and optional per-segment prefix tokens (MAC's long-term
+memory tokens), rotary positions and a key/value cache for decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
+from torch import nn
+
+
+@dataclass
+class AttentionCache:
+    """Keys and values `(batch, heads, m, dim_head)` of the last tokens a new token may see:
+    the current segment's (block attention) or the last `window - 1` tokens (sliding)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def detach(self):
+        return AttentionCache(self.keys.detach(), self.values.detach())
+
+
+def segment_pieces(position: int, length: int, segment_len: int):
+    """Split tokens `position .. position+length-1` at segment boundaries: yields (start, end)
+    offsets into the input, each piece inside one segment."""
+    start = 0
+    while start < length:
+        absolute = position + start
+        end = min(length, start + segment_len - absolute % segment_len)
+        yield start, end
+        start = end
+
+
+class SwiGLU(nn.Module):
+    """Pre-RMSNorm SwiGLU feed-forward: `(b, n, dim) -> (b, n, dim)`."""
+
+    def __init__(self, dim: int, mult: float = 4.0):
+        super().__init__()
+        hidden = int(dim * mult * 2 / 3)
+        self.norm = nn.RMSNorm(dim)
+        self.proj_in = nn.Linear(dim, hidden * 2, bias=False)
+        self.proj_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, value = self.proj_in(self.norm(x)).chunk(2, dim=-1)
+        return self.proj_out(F.silu(gate) * value)
+
+
+class LocalAttention(nn.Module):
+    """Causal attention inside a segment (`sliding=False`) or over the last `segment_len`
+    tokens (`sliding=True`), each query also seeing `num_persist_mem_tokens` learned tokens
+    and any prefix tokens of its segment. Persistent and prefix keys sit at the segment's
+    first position for rotary, so what a token sees of them depends only on its offset.
+
+    Use: `q, k, v = attn.project(x, position)`; per piece (see `segment_pieces`)
+    `out, cache = attn.attend(q, k, v, position, cache, prefix)`; `attn.to_out(out)`.
+    """
+
+    def __init__(self, dim, heads=8, dim_head=64, segment_len=128, num_persist_mem_tokens=0, sliding=False):
+        super().__init__()
+        self.heads, self.dim_head, self.segment_len, self.sliding = heads, dim_head, segment_len, sliding
+        dim_inner = heads * dim_head
+        self.norm = nn.RMSNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * dim_inner, bias=False)
+        self.rotary = RotaryEmbedding(dim_head)
+        self.persist_mem = nn.Parameter(torch.randn(num_persist_mem_tokens, dim) * 0.02) if num_persist_mem_tokens else None
+        # output: a per-head sigmoid gate from the input, then the projection
+        self.to_gate = nn.Linear(dim, heads)
+        self.to_out_proj = nn.Linear(dim_inner, dim, bias=False)
+
+    def _rotate(self, t, positions):
+        freqs = self.rotary(positions.to(torch.float32))
+        return apply_rotary_emb(freqs, t)
+
+    def _split_heads(self, t):
+        return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+
+    def project(self, x, position: int):
+        """x `(b, n, dim)` at absolute `position` -> rotated q, k and v `(b, h, n, d)`, and the
+        normed input (for the output gate)."""
+        normed = self.norm(x)
+        q, k, v = map(self._split_heads, self.to_qkv(normed).chunk(3, dim=-1))
+        positions = torch.arange(position, position + x.shape[1], device=x.device)
+        return self._rotate(q, positions), self._rotate(k, positions), v, normed
+
+    def prefix_keys_values(self, tokens, position: int, batch: int):
+        """Persistent tokens plus `tokens (b, m, dim)` (or None) -> keys, values `(b, h, p, d)`
+        rotated at the first position of `position`'s segment."""
+        parts = []
+        if self.persist_mem is not None:
+            parts.append(self.persist_mem.expand(batch, -1, -1))
+        if tokens is not None:
+            parts.append(tokens)
+        if not parts:
+            return None
+        prefix = torch.cat([p.to(parts[-1].dtype) for p in parts], dim=1)
+        _, k, v = map(self._split_heads, self.to_qkv(self.norm(prefix)).chunk(3, dim=-1))
+        segment_start = position - position % self.segment_len
+        positions = torch.full((prefix.shape[1],), segment_start, device=prefix.device)
+        return self._rotate(k, positions), v
+
+    def empty_cache(self, batch, device, dtype):
+        shape = (batch, self.heads, 0, self.dim_head)
+        return AttentionCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def attend(self, q, k, v, position: int, cache: AttentionCache, prefix=None):
+        """One piece inside one segment: q, k, v `(b, h, n, d)` at absolute `position`.
+        Returns the attention output `(b, h, n, d)` and the updated cache."""
+        n = q.shape[2]
+        seq_keys = torch.cat((cache.keys, k), dim=2)
+        seq_values = torch.cat((cache.values, v), dim=2)
+        context = seq_keys.shape[2] - n
+        query_pos = torch.arange(position, position + n, device=q.device)
+        key_pos = torch.arange(position - context, position + n, device=q.device)
+        allowed = key_pos[None, :] <= query_pos[:, None]
+        if self.sliding:
+            allowed &= key_pos[None, :] > query_pos[:, None] - self.segment_len
+        else:
+            allowed &= key_pos[None, :] >= (query_pos - query_pos % self.segment_len)[:, None]
+        keys, values = seq_keys, seq_values
+        if prefix is not None:
+            keys = torch.cat((prefix[0], keys), dim=2)
+            values = torch.cat((prefix[1], values), dim=2)
+            allowed = torch.cat((allowed.new_ones(n, prefix[0].shape[2]), allowed), dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+
+        # keep what the next token may see: the current segment's tokens, or the last window - 1
+        end = position + n
+        keep = self.segment_len - 1 if self.sliding else end % self.segment_len
+        keep = min(keep, seq_keys.shape[2])
+        return out, AttentionCache(seq_keys[:, :, seq_keys.shape[2] - keep :], seq_values[:, :, seq_values.shape[2] - keep :])
+
+    def to_out(self, out, x_normed):
+        gate = torch.sigmoid(self.to_gate(x_normed))
+        out = out * rearrange(gate, "b n h -> b h n 1")
+        return self.to_out_proj(rearrange(out, "b h n d -> b n (h d)"))

@@ -1,0 +1,151 @@
+"""Memory as Context (MAC), section 4.1 of the paper."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .attention import LocalAttention, segment_pieces
+from .neural_memory import NeuralMemory
+from .transformer import MixerCache, TitansTransformer
+
+
+class MemoryAsContextMixer(nn.Module):
+    """One MAC sequence mixer. For each segment `s` of `segment_len` tokens:
+
+    1. retrieve: `h_s = M_{s-1}(q_l)`, the memory as it stood before the segment read at
+       `num_longterm_mem_tokens` learned query tokens `q_l` (they depend only on the
+       memory's state, so they cannot leak the segment's own future);
+    2. attend causally over `[persistent || h_s || segment]`, giving `y`;
+    3. store `y` in the memory and
+    4. gate: `out = y * sigmoid(M(y))`, each token reading the memory as updated by the
+       chunks of `y` before its own (retrieve-then-store inside the segment, so causal).
+
+    Without a memory (`memory=None`) it is plain segment / sliding-window attention with
+    persistent tokens.
+    """
+
+    def __init__(
+        self,
+        dim,
+        heads,
+        dim_head,
+        segment_len,
+        num_persist_mem_tokens,
+        num_longterm_mem_tokens,
+        sliding,
+        memory: NeuralMemory | None,
+    ):
+        super().__init__()
+        self.segment_len = segment_len
+        self.attention = LocalAttention(dim, heads, dim_head, segment_len, num_persist_mem_tokens, sliding)
+        self.memory = memory
+        self.longterm_queries = None
+        if memory is not None and num_longterm_mem_tokens:
+            self.longterm_queries = nn.Parameter(torch.randn(num_longterm_mem_tokens, dim) * 0.02)
+
+    def _init_cache(self, x):
+        batch = x.shape[0]
+        memory = None
+        if self.memory is not None:
+            memory = self.memory.init_state(batch, device=x.device, dtype=self.memory._inner_dtype(x.dtype))
+        return MixerCache(self.attention.empty_cache(batch, x.device, x.dtype), memory, None)
+
+    def forward(self, x, position: int, cache: MixerCache | None = None):
+        cache = cache if cache is not None else self._init_cache(x)
+        batch, length = x.shape[:2]
+        attn_cache, memory_state, prefix = cache.attention, cache.memory, cache.prefix
+        q, k, v, normed = self.attention.project(x, position)
+        outputs = []
+        for start, end in segment_pieces(position, length, self.segment_len):
+            piece_position = position + start
+            if prefix is None or piece_position % self.segment_len == 0:
+                longterm = None
+                if self.longterm_queries is not None:
+                    queries = self.longterm_queries.to(x.dtype).expand(batch, -1, -1)
+                    longterm, memory_state = self.memory.retrieve(queries, memory_state, convolve=False)
+                prefix = self.attention.prefix_keys_values(longterm, piece_position, batch)
+            piece = slice(start, end)
+            y, attn_cache = self.attention.attend(q[:, :, piece], k[:, :, piece], v[:, :, piece], piece_position, attn_cache, prefix)
+            y = self.attention.to_out(y, normed[:, piece])
+            if self.memory is not None:
+                read, memory_state = self.memory(y, state=memory_state, return_state=True)
+                y = y * torch.sigmoid(read)
+            outputs.append(y)
+        return torch.cat(outputs, dim=1), MixerCache(attn_cache, memory_state, prefix)
+
+
+def build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neural_memory_model, segment_len=None):
+    """One `NeuralMemory` per layer listed in `neural_memory_layers` (1-indexed; None: all
+    layers), else None. `neural_memory_model` is deep-copied so layers do not share it."""
+    layers = tuple(range(1, depth + 1)) if neural_memory_layers is None else tuple(neural_memory_layers)
+    bad = [layer for layer in layers if not isinstance(layer, int) or not 1 <= layer <= depth]
+    if bad:
+        raise ValueError(f"neural_memory_layers must be layer numbers in 1..{depth}, got {bad}")
+    kwargs = dict(neural_memory_kwargs or {})
+    kwargs.setdefault("chunk_size", min(16, segment_len) if segment_len else 16)
+    if segment_len is not None and segment_len % kwargs["chunk_size"] != 0:
+        raise ValueError(
+            f"segment_len ({segment_len}) must be a multiple of the neural memory's chunk_size ({kwargs['chunk_size']})"
+        )
+    memories = []
+    for layer in range(1, depth + 1):
+        if layer not in layers:
+            memories.append(None)
+            continue
+        model = copy.deepcopy(neural_memory_model) if neural_memory_model is not None else None
+        memories.append(NeuralMemory(dim, model=model, **kwargs))
+    return memories
+
+
+def check_positive(**values):
+    for name, value in values.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class MemoryAsContextTransformer(TitansTransformer):
+    """Titans MAC language model.
+
+    `segment_len`: attention window (block attention inside segments, or a sliding window
+    of that length with `sliding_window_attn=True`). `num_persist_mem_tokens`: learned,
+    data-independent tokens every query sees. `num_longterm_mem_tokens`: tokens read from
+    each memory layer's neural memory before every segment. `neural_memory_layers`:
+    1-indexed layers with a memory (None: all; () : none). `neural_memory_kwargs`: passed
+    to `NeuralMemory` (chunk_size, heads, dim_head, momentum, ...); `neural_memory_model`:
+    the memory network (copied per layer). `num_residual_streams`: hyper-connection
+    streams (1 = plain residual).
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int,
+        depth: int,
+        segment_len: int,
+        num_persist_mem_tokens: int = 0,
+        num_longterm_mem_tokens: int = 0,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: float = 4.0,
+        neural_memory_layers=None,
+        neural_memory_kwargs: dict | None = None,
+        neural_memory_model: nn.Module | None = None,
+        num_residual_streams: int = 4,
+        sliding_window_attn: bool = False,
+    ):
+        check_positive(depth=depth, segment_len=segment_len, heads=heads, dim_head=dim_head)
+        for name, value in (("num_persist_mem_tokens", num_persist_mem_tokens), ("num_longterm_mem_tokens", num_longterm_mem_tokens)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        memories = build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neural_memory_model, segment_len)
+        mixers = [
+            MemoryAsContextMixer(
+                dim, heads, dim_head, segment_len, num_persist_mem_tokens, num_longterm_mem_tokens, sliding_window_attn, memory
+            )
+            for memory in memories
+        ]
+        super().__init__(num_tokens, dim, mixers, ff_mult, num_residual_streams)
+        self.segment_len = segment_len

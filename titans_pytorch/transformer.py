@@ -1,0 +1,173 @@
+"""The language-model shell shared by every Titans variant (MAC, MAG, MAL, LMM).
+
+Token embedding, `depth` blocks of (sequence mixer, SwiGLU feed-forward) joined by
+hyper-connections (`num_residual_streams = 1` turns them into plain residuals), a final
+RMSNorm and the logits. A variant only supplies its sequence mixer: a module called as
+`mixer(x, position, cache) -> (out, cache)` on `x (batch, n, dim)` starting at absolute
+`position`, whose cache (None at the start) holds whatever it needs to continue.
+Because the same code runs a whole sequence and a single new token, cached decoding and
+the uncached forward agree by construction (and the tests check it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from hyper_connections import get_init_and_expand_reduce_stream_functions
+from torch import nn
+from tqdm.auto import tqdm
+from x_transformers.autoregressive_wrapper import FILTER_LOGITS_FN
+
+from .attention import SwiGLU
+
+
+@dataclass
+class TransformerCache:
+    """Decoding state: `position` (tokens seen so far) and one cache per layer's mixer
+    (attention keys/values within the window, the neural memory's state, ...)."""
+
+    position: int
+    layers: list
+
+    def detach(self) -> "TransformerCache":
+        return TransformerCache(self.position, [c.detach() if c is not None else None for c in self.layers])
+
+
+@dataclass
+class MixerCache:
+    """A mixer's cache: attention keys/values (`AttentionCache` or None), the neural memory's
+    state (`NeuralMemoryState` or None) and the current segment's prefix keys/values."""
+
+    attention: object = None
+    memory: object = None
+    prefix: tuple | None = None
+
+    def detach(self) -> "MixerCache":
+        return MixerCache(
+            self.attention.detach() if self.attention is not None else None,
+            self.memory.detach() if self.memory is not None else None,
+            tuple(t.detach() for t in self.prefix) if self.prefix is not None else None,
+        )
+
+
+class TitansTransformer(nn.Module):
+    """`model(ids)` with `ids (batch, seq)` of token ids -> logits `(batch, seq, num_tokens)`.
+
+    `model(ids, return_loss=True)` -> next-token cross-entropy of `ids[:, 1:]` given
+    `ids[:, :-1]`. `model(ids, cache=cache, return_cache=True)` -> `(logits, cache)`.
+    """
+
+    def __init__(self, num_tokens: int, dim: int, mixers, ff_mult: float = 4.0, num_residual_streams: int = 4):
+        super().__init__()
+        for name, value in (("num_tokens", num_tokens), ("dim", dim), ("num_residual_streams", num_residual_streams)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.num_tokens, self.dim = num_tokens, dim
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        init_hyper_conn, self.expand_streams, self.reduce_streams = get_init_and_expand_reduce_stream_functions(
+            num_residual_streams, dim=dim, disable=num_residual_streams == 1
+        )
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    init_hyper_conn(dim=dim, layer_index=2 * index),
+                    mixer,
+                    init_hyper_conn(dim=dim, layer_index=2 * index + 1),
+                    SwiGLU(dim, ff_mult),
+                ]
+            )
+            for index, mixer in enumerate(mixers)
+        )
+        self.norm = nn.RMSNorm(dim)
+        self.to_logits = nn.Linear(dim, num_tokens, bias=False)
+
+    def _check_ids(self, ids, name="ids"):
+        if not torch.is_tensor(ids) or ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+            raise TypeError(f"{name} must be an integer tensor of token ids (batch, seq), got {getattr(ids, 'dtype', type(ids))}")
+        if ids.ndim != 2:
+            raise ValueError(f"{name} must have shape (batch, seq), got {tuple(ids.shape)}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_tokens):
+            raise ValueError(
+                f"{name} must lie in [0, {self.num_tokens}), got values in [{ids.min().item()}, {ids.max().item()}]"
+            )
+
+    def forward(self, ids, return_loss: bool = False, cache: TransformerCache | None = None, return_cache: bool = False):
+        self._check_ids(ids)
+        if return_loss:
+            if ids.shape[1] < 2:
+                raise ValueError(f"return_loss needs at least 2 tokens per sequence, got {ids.shape[1]}")
+            ids, labels = ids[:, :-1], ids[:, 1:]
+        if cache is not None and not isinstance(cache, TransformerCache):
+            raise TypeError(f"cache must be a TransformerCache or None, got {type(cache).__name__}")
+        position = cache.position if cache is not None else 0
+        layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
+
+        x = self.expand_streams(self.token_emb(ids.long()))
+        new_caches = []
+        for (mix_connection, mixer, ff_connection, feed_forward), layer_cache in zip(self.layers, layer_caches):
+            branch_input, add_residual = mix_connection(x)
+            out, layer_cache = mixer(branch_input, position, layer_cache)
+            x = add_residual(out)
+            branch_input, add_residual = ff_connection(x)
+            x = add_residual(feed_forward(branch_input))
+            new_caches.append(layer_cache)
+        logits = self.to_logits(self.norm(self.reduce_streams(x)))
+
+        if return_loss:
+            return F.cross_entropy(logits.transpose(1, 2), labels.long())
+        if return_cache:
+            return logits, TransformerCache(position + ids.shape[1], new_caches)
+        return logits
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt,
+        seq_len: int,
+        temperature: float = 1.0,
+        filter_fn="min_p",
+        filter_kwargs: dict | None = None,
+        use_cache: bool = True,
+        show_progress: bool = False,
+    ):
+        """Continue `prompt (batch, prompt_len)` until it is `seq_len` long; returns the
+        `seq_len - prompt_len` new tokens. `filter_fn`: "min_p" (default), "top_k", "top_p",
+        "top_a" (x-transformers' filters) or a callable on logits; temperature 0 is greedy."""
+        self._check_ids(prompt, "prompt")
+        prompt_len = prompt.shape[1]
+        if prompt_len == 0:
+            raise ValueError("prompt must hold at least one token")
+        if not isinstance(seq_len, int) or seq_len < prompt_len:
+            raise ValueError(f"seq_len ({seq_len}) must be an integer >= the prompt length ({prompt_len})")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if isinstance(filter_fn, str):
+            if filter_fn not in FILTER_LOGITS_FN:
+                raise ValueError(f"filter_fn must be one of {sorted(FILTER_LOGITS_FN)} or a callable, got {filter_fn!r}")
+            filter_fn = FILTER_LOGITS_FN[filter_fn]
+        filter_kwargs = filter_kwargs or {}
+
+        was_training = self.training
+        self.eval()
+        out = prompt.long()
+        steps = seq_len - prompt_len
+        if steps:
+            logits, cache = self(out, return_cache=True) if use_cache else (self(out), None)
+        for step in tqdm(range(steps), disable=not show_progress, desc="sampling"):
+            last = logits[:, -1].float()
+            if temperature == 0:
+                token = last.argmax(dim=-1, keepdim=True)
+            else:
+                probs = F.softmax(filter_fn(last, **filter_kwargs) / temperature, dim=-1)
+                token = torch.multinomial(probs, 1)
+            out = torch.cat((out, token), dim=1)
+            if step == steps - 1:
+                break
+            if use_cache:
+                logits, cache = self(token, cache=cache, return_cache=True)
+            else:
+                logits = self(out)
+        self.train(was_training)
+        return out[:, prompt_len:]
