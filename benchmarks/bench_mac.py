@@ -1,0 +1,102 @@
+"""MemoryAsContextTransformer timings: training step of the train_mac.py-sized model, and
+decoding cost per token against context length.
+
+    python benchmarks/bench_mac.py --threads 2
+"""
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from titans_pytorch import MemoryAsContextTransformer
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_model(device, ff_mult=4.0):
+    # the peer's train_mac.py model: dim 384, depth 8, segment 32, 8 heads of 64,
+    # neural memory on layers 2, 4, 6 with 4 heads of 64 and chunk 4
+    return MemoryAsContextTransformer(
+        num_tokens=256, dim=384, depth=8, segment_len=32, num_persist_mem_tokens=4, num_longterm_mem_tokens=4,
+        heads=8, dim_head=64, ff_mult=ff_mult, neural_memory_layers=(2, 4, 6),
+        neural_memory_kwargs=dict(chunk_size=4, heads=4, dim_head=64), num_residual_streams=4,
+    ).to(device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--decode-contexts", default="256,4096")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--ff-mult", type=float, default=4.0, help="5.0 matches the peer's 19.5M parameters")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {device.type} ({name}) | dtype: float32 | threads: {args.threads} | torch {torch.__version__}")
+
+    torch.manual_seed(0)
+    model = train_model(device, args.ff_mult)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: train_mac.py size, {params / 1e6:.1f}M parameters")
+
+    if not args.skip_train:
+        ids = torch.randint(0, 256, (args.batch, args.seq_len + 1), device=device)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(ids, return_loss=True).backward()
+
+        seconds = median_time(step, device, args.repeats)
+        tokens = args.batch * args.seq_len
+        print(f"\ntraining step (forward+backward), batch {args.batch} x {args.seq_len}")
+        print(f"  {seconds:.2f} s  ({tokens / seconds:,.0f} tokens/s)")
+
+    model.eval()
+    print("\ndecoding: time per generated token after a context of n tokens (cached)")
+    print(f"{'context':>8}  {'ms/token':>9}")
+    per_token = {}
+    for context in map(int, args.decode_contexts.split(",")):
+        prompt = torch.randint(0, 256, (1, context), device=device)
+        with torch.no_grad():
+            _, cache = model(prompt, return_cache=True)
+            token = prompt[:, -1:]
+            steps = 64
+
+            def decode():
+                c = cache
+                for _ in range(steps):
+                    _, c = model(token, cache=c, return_cache=True)
+
+            seconds = median_time(decode, device, args.repeats) / steps
+        per_token[context] = seconds
+        print(f"{context:>8}  {seconds * 1e3:>9.2f}")
+    contexts = sorted(per_token)
+    ratio = per_token[contexts[-1]] / per_token[contexts[0]]
+    print(f"ratio {contexts[-1]} / {contexts[0]}: {ratio:.2f} (bar: <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
