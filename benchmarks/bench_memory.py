@@ -115,6 +115,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median is reported")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke-testing")
     parser.add_argument("--skip-sweep", action="store_true", help="skip the sequence-length sweep")
+    parser.add_argument("--sweep-lengths", default="1024,2048,4096,8192,16384", help="comma-separated lengths")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -190,7 +191,7 @@ def main():
 
     # 3. sequence-length sweep: seed memory vs one causal attention layer, batch 1
     if not args.skip_sweep:
-        lengths = (256, 512, 1024) if args.quick else (1024, 2048, 4096, 8192, 16384)
+        lengths = (256, 512, 1024) if args.quick else tuple(map(int, args.sweep_lengths.split(",")))
         mem = NeuralMemory(**seed_kwargs).to(device)
         attention = CausalAttention(mem.dim, heads=8).to(device)
         rows = []

@@ -153,25 +153,28 @@ def memory_span(
     def surprise(params, k, v, c, q=None):
         return chunk_surprise(forward_fn, params, k, v, c, q, max_grad_norm)
 
-    fuse_read = queries is not None and span == 1
-    per_chunk = vmap(surprise, in_dims=(None, 0, 0, 0) + ((0,) if fuse_read else ()))
-    per_head = vmap(per_chunk, in_dims=(0, 0, 0, 0) + ((0,) if fuse_read else ()))
-    sums, retrieved = per_head(weights, keys, values, cot, *((queries,) if fuse_read else ()))
-
     if span == 1:
-        # squeeze/unbind rather than indexing: their backward does not zero-fill weight-sized buffers
+        # one chunk: its gradients and its read share one forward pass at the current weights
+        fuse_read = queries is not None
+        data = [t.squeeze(1) for t in (keys, values, cot, *((queries,) if fuse_read else ()))]
+        sums, retrieved = vmap(surprise)(weights, *data)
+        retrieved = retrieved[:, None] if fuse_read else None
+        # unbind rather than indexing: its backward does not zero-fill weight-sized buffers
         new_weights, new_momentum = {}, {} if use_momentum else None
         for name, weight in weights.items():
-            grad_sums = sums[name].squeeze(1).unbind(1)  # n tensors (BH, ...)
+            grad_sums = sums[name].unbind(1)  # n tensors (BH, ...)
             decayed = _bcast(coeffs.log_weight_decay.squeeze(1).exp(), weight) * weight
             if use_momentum:
                 mom = momentum[name]
                 new_momentum[name] = _bcast(coeffs.log_momentum_decay.squeeze(1).exp(), mom) * mom - grad_sums[0]
                 decayed = decayed + _bcast(coeffs.momentum_to_weights.squeeze(1), mom) * mom
             new_weights[name] = decayed - grad_sums[-1]
-        return new_weights, new_momentum, retrieved if fuse_read else None
+        return new_weights, new_momentum, retrieved
 
-    # refresh span of k chunks: chain the per-chunk contributions with two scans
+    # a refresh span: every chunk's gradient sums at the span's first weights
+    per_chunk = vmap(surprise, in_dims=(None, 0, 0, 0))
+    sums, _ = vmap(per_chunk)(weights, keys, values, cot)
+    # chain the per-chunk contributions with two scans over the span's chunks
     new_weights, new_momentum, chunk_start_weights = {}, {} if use_momentum else None, {}
     for name, weight in weights.items():
         grad_sums = sums[name]  # (BH, k, n, ...)
