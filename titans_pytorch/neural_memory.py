@@ -84,7 +84,9 @@ class NeuralMemory(nn.Module):
     `init_lr * max_lr`, `init_momentum`, `init_forget`); keys and queries are L2-normalised.
     `momentum=False` / `forget=False` switch those terms off. `refresh_every=k` takes the
     gradients of `k` consecutive chunks at one point (faster, weaker; default 1, the paper's
-    form). `max_grad_norm` clips each token's inner gradient. `model` is the memory network
+    form; a call that ends inside a span starts a new span on the next call, so streaming
+    equals one call only for pieces that are multiples of `k * chunk_size`). `max_grad_norm`
+    clips each token's inner gradient. `model` is the memory network
     on `dim_head` features (default `ResidualNormMemory`, `x + LN(mlp(x))`).
     """
 
