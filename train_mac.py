@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import math
 import os
 import random
@@ -169,7 +170,7 @@ def main():
             record["valid_bpb"] = valid_bpb
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
                              "config": vars(args)}, out / "checkpoint.pt")
-        metrics.write(__import__("json").dumps(record) + "\n")
+        metrics.write(json.dumps(record) + "\n")
         metrics.flush()
         progress.set_postfix(bpb=f"{train_bpb:.3f}", valid=f"{valid_bpb:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if (args.sample_every and (step + 1) % args.sample_every == 0) or last:
@@ -177,6 +178,7 @@ def main():
             sampled = model.sample(prompt, 64 + 128, temperature=0.8)
             text = lambda t: bytes(t.tolist()).decode("utf-8", errors="replace")  # noqa: E731
             print(f"\n--- prompt ---\n{text(prompt[0])}\n--- sample ---\n{text(sampled[0])}\n")
+    metrics.close()
     print(f"done: validation bits per byte {valid_bpb:.3f} after {args.steps} steps; metrics, checkpoint in {out}")
 
 

@@ -5,30 +5,11 @@ decoding cost per token against context length.
 """
 
 import argparse
-import platform
-import statistics
-import time
 
 import torch
+from bench_memory import device_name, median_time  # the sibling script's timing helpers
 
 from titans_pytorch import MemoryAsContextTransformer
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, device, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def train_model(device, ff_mult=4.0):
@@ -54,8 +35,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {device.type} ({name}) | dtype: float32 | threads: {args.threads} | torch {torch.__version__}")
+    print(f"device: {device.type} ({device_name(device)}) | dtype: float32 | threads: {args.threads} | torch {torch.__version__}")
 
     torch.manual_seed(0)
     model = train_model(device, args.ff_mult)

@@ -57,8 +57,8 @@ class LocalAttention(nn.Module):
     and any prefix tokens of its segment. Persistent and prefix keys sit at the segment's
     first position for rotary, so what a token sees of them depends only on its offset.
 
-    Use: `q, k, v = attn.project(x, position)`; per piece (see `segment_pieces`)
-    `out, cache = attn.attend(q, k, v, position, cache, prefix)`; `attn.to_out(out)`.
+    Use: `q, k, v, normed = attn.project(x, position)`; per piece (see `segment_pieces`)
+    `out, cache = attn.attend(q, k, v, position, cache, prefix)`; `attn.to_out(out, normed)`.
     """
 
     def __init__(self, dim, heads=8, dim_head=64, segment_len=128, num_persist_mem_tokens=0, sliding=False):

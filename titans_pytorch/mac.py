@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .attention import LocalAttention, segment_pieces
+from .checks import check_positive_ints
 from .neural_memory import NeuralMemory
 from .transformer import MixerCache, TitansTransformer
 
@@ -100,12 +101,6 @@ def build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neura
     return memories
 
 
-def check_positive(**values):
-    for name, value in values.items():
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 class MemoryAsContextTransformer(TitansTransformer):
     """Titans MAC language model.
 
@@ -136,7 +131,7 @@ class MemoryAsContextTransformer(TitansTransformer):
         num_residual_streams: int = 4,
         sliding_window_attn: bool = False,
     ):
-        check_positive(depth=depth, segment_len=segment_len, heads=heads, dim_head=dim_head)
+        check_positive_ints(depth=depth, segment_len=segment_len, heads=heads, dim_head=dim_head)
         for name, value in (("num_persist_mem_tokens", num_persist_mem_tokens), ("num_longterm_mem_tokens", num_longterm_mem_tokens)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

@@ -12,6 +12,7 @@ from tensordict import TensorDict
 from torch import nn
 from torch.func import functional_call
 
+from .checks import check_positive_ints
 from .memory.functional import memory_chunks
 from .memory.scan import BACKENDS
 from .memory_models import ResidualNormMemory, validate_memory_model
@@ -112,15 +113,12 @@ class NeuralMemory(nn.Module):
         scan_backend: str = "auto",
     ):
         super().__init__()
-        for name, value in (("dim", dim), ("chunk_size", chunk_size), ("heads", heads), ("refresh_every", refresh_every)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(dim=dim, chunk_size=chunk_size, heads=heads, refresh_every=refresh_every)
         if dim_head is None:
             if dim % heads != 0:
                 raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) when dim_head is not given")
             dim_head = dim // heads
-        if not isinstance(dim_head, int) or dim_head <= 0:
-            raise ValueError(f"dim_head must be a positive integer, got {dim_head!r}")
+        check_positive_ints(dim_head=dim_head)
         if max_lr is None:
             # every gradient of a chunk is taken at one point, so the chunk's summed step is what
             # must stay bounded: theta <= 1 / chunk_size keeps it so (see README, "Stability")

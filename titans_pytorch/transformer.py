@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from x_transformers.autoregressive_wrapper import FILTER_LOGITS_FN
 
 from .attention import SwiGLU
+from .checks import check_positive_ints
 
 
 @dataclass
@@ -61,9 +62,7 @@ class TitansTransformer(nn.Module):
 
     def __init__(self, num_tokens: int, dim: int, mixers, ff_mult: float = 4.0, num_residual_streams: int = 4):
         super().__init__()
-        for name, value in (("num_tokens", num_tokens), ("dim", dim), ("num_residual_streams", num_residual_streams)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(num_tokens=num_tokens, dim=dim, num_residual_streams=num_residual_streams)
         self.num_tokens, self.dim = num_tokens, dim
         self.token_emb = nn.Embedding(num_tokens, dim)
         init_hyper_conn, self.expand_streams, self.reduce_streams = get_init_and_expand_reduce_stream_functions(
