@@ -12,7 +12,17 @@ __all__ = [
     "validate_memory_model",
 ]
 
+from .lmm import MemoryTransformer
 from .mac import MemoryAsContextTransformer
+from .mag import MemoryAsGateTransformer
+from .mal import MemoryAsLayerTransformer
 from .transformer import TitansTransformer, TransformerCache
 
-__all__ += ["MemoryAsContextTransformer", "TitansTransformer", "TransformerCache"]
+__all__ += [
+    "MemoryAsContextTransformer",
+    "MemoryAsGateTransformer",
+    "MemoryAsLayerTransformer",
+    "MemoryTransformer",
+    "TitansTransformer",
+    "TransformerCache",
+]

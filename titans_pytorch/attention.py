@@ -57,7 +57,9 @@ class LocalAttention(nn.Module):
     and any prefix tokens of its segment. Persistent and prefix keys sit at the segment's
     first position for rotary, so what a token sees of them depends only on its offset.
 
-    Use: `q, k, v, normed = attn.project(x, position)`; per piece (see `segment_pieces`)
+    `attn(x, position, cache) -> (out, cache)` with `x (b, n, dim)` at absolute `position`
+    (cache None at the start). A caller that changes the prefix per segment (MAC) uses the
+    parts: `q, k, v, normed = attn.project(x, position)`; per piece (see `segment_pieces`)
     `out, cache = attn.attend(q, k, v, position, cache, prefix)`; `attn.to_out(out, normed)`.
     """
 
@@ -139,3 +141,17 @@ class LocalAttention(nn.Module):
         gate = torch.sigmoid(self.to_gate(x_normed))
         out = out * rearrange(gate, "b n h -> b h n 1")
         return self.to_out_proj(rearrange(out, "b h n d -> b n (h d)"))
+
+    def forward(self, x, position: int, cache: AttentionCache | None = None):
+        """x `(b, n, dim)` at absolute `position` -> `(out (b, n, dim), cache)`; each query sees
+        the persistent tokens and its segment's (or window's) earlier tokens."""
+        batch, length = x.shape[:2]
+        cache = cache if cache is not None else self.empty_cache(batch, x.device, x.dtype)
+        q, k, v, normed = self.project(x, position)
+        outputs = []
+        for start, end in segment_pieces(position, length, self.segment_len):
+            prefix = self.prefix_keys_values(None, position + start, batch)
+            piece = slice(start, end)
+            out, cache = self.attend(q[:, :, piece], k[:, :, piece], v[:, :, piece], position + start, cache, prefix)
+            outputs.append(out)
+        return self.to_out(torch.cat(outputs, dim=2), normed), cache

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from .attention import LocalAttention, segment_pieces
-from .checks import check_positive_ints
+from .checks import check_non_negative_ints, check_positive_ints
 from .neural_memory import NeuralMemory
-from .transformer import MixerCache, TitansTransformer
+from .transformer import MixerCache, TitansTransformer, build_memories
 
 
 class MemoryAsContextMixer(nn.Module):
@@ -78,29 +76,6 @@ class MemoryAsContextMixer(nn.Module):
         return torch.cat(outputs, dim=1), MixerCache(attn_cache, memory_state, prefix)
 
 
-def build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neural_memory_model, segment_len=None):
-    """One `NeuralMemory` per layer listed in `neural_memory_layers` (1-indexed; None: all
-    layers), else None. `neural_memory_model` is deep-copied so layers do not share it."""
-    layers = tuple(range(1, depth + 1)) if neural_memory_layers is None else tuple(neural_memory_layers)
-    bad = [layer for layer in layers if not isinstance(layer, int) or not 1 <= layer <= depth]
-    if bad:
-        raise ValueError(f"neural_memory_layers must be layer numbers in 1..{depth}, got {bad}")
-    kwargs = dict(neural_memory_kwargs or {})
-    kwargs.setdefault("chunk_size", min(16, segment_len) if segment_len else 16)
-    if segment_len is not None and segment_len % kwargs["chunk_size"] != 0:
-        raise ValueError(
-            f"segment_len ({segment_len}) must be a multiple of the neural memory's chunk_size ({kwargs['chunk_size']})"
-        )
-    memories = []
-    for layer in range(1, depth + 1):
-        if layer not in layers:
-            memories.append(None)
-            continue
-        model = copy.deepcopy(neural_memory_model) if neural_memory_model is not None else None
-        memories.append(NeuralMemory(dim, model=model, **kwargs))
-    return memories
-
-
 class MemoryAsContextTransformer(TitansTransformer):
     """Titans MAC language model.
 
@@ -132,9 +107,7 @@ class MemoryAsContextTransformer(TitansTransformer):
         sliding_window_attn: bool = False,
     ):
         check_positive_ints(depth=depth, segment_len=segment_len, heads=heads, dim_head=dim_head)
-        for name, value in (("num_persist_mem_tokens", num_persist_mem_tokens), ("num_longterm_mem_tokens", num_longterm_mem_tokens)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        check_non_negative_ints(num_persist_mem_tokens=num_persist_mem_tokens, num_longterm_mem_tokens=num_longterm_mem_tokens)
         memories = build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neural_memory_model, segment_len)
         mixers = [
             MemoryAsContextMixer(

@@ -11,6 +11,7 @@ the uncached forward agree by construction (and the tests check it).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from x_transformers.autoregressive_wrapper import FILTER_LOGITS_FN
 
-from .attention import SwiGLU
-from .checks import check_positive_ints
+from .attention import LocalAttention, SwiGLU
+from .checks import check_non_negative_ints, check_positive_ints
+from .neural_memory import NeuralMemory
 
 
 @dataclass
@@ -51,6 +53,29 @@ class MixerCache:
             self.memory.detach() if self.memory is not None else None,
             tuple(t.detach() for t in self.prefix) if self.prefix is not None else None,
         )
+
+
+def build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neural_memory_model, segment_len=None):
+    """One `NeuralMemory` per layer listed in `neural_memory_layers` (1-indexed; None: all
+    layers), else None. `neural_memory_model` is deep-copied so layers do not share it."""
+    layers = tuple(range(1, depth + 1)) if neural_memory_layers is None else tuple(neural_memory_layers)
+    bad = [layer for layer in layers if not isinstance(layer, int) or not 1 <= layer <= depth]
+    if bad:
+        raise ValueError(f"neural_memory_layers must be layer numbers in 1..{depth}, got {bad}")
+    kwargs = dict(neural_memory_kwargs or {})
+    kwargs.setdefault("chunk_size", min(16, segment_len) if segment_len else 16)
+    if segment_len is not None and segment_len % kwargs["chunk_size"] != 0:
+        raise ValueError(
+            f"segment_len ({segment_len}) must be a multiple of the neural memory's chunk_size ({kwargs['chunk_size']})"
+        )
+    memories = []
+    for layer in range(1, depth + 1):
+        if layer not in layers:
+            memories.append(None)
+            continue
+        model = copy.deepcopy(neural_memory_model) if neural_memory_model is not None else None
+        memories.append(NeuralMemory(dim, model=model, **kwargs))
+    return memories
 
 
 class TitansTransformer(nn.Module):
@@ -170,3 +195,41 @@ class TitansTransformer(nn.Module):
                 logits = self(out)
         self.train(was_training)
         return out[:, prompt_len:]
+
+
+class SlidingWindowMemoryTransformer(TitansTransformer):
+    """Shared constructor of the variants whose attention is a sliding window next to or
+    after the memory (MAG, MAL). A subclass names its `mixer_class`, built per layer as
+    `mixer_class(attention, memory)` with `memory` None on layers without one.
+
+    `segment_len`: the attention window (each token sees itself and the `segment_len - 1`
+    before it, plus `num_persist_mem_tokens` learned tokens). The other arguments are those
+    of `MemoryAsContextTransformer`; the memory's chunk defaults to 16.
+    """
+
+    mixer_class: type
+
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int,
+        depth: int,
+        segment_len: int,
+        num_persist_mem_tokens: int = 0,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: float = 4.0,
+        neural_memory_layers=None,
+        neural_memory_kwargs: dict | None = None,
+        neural_memory_model: nn.Module | None = None,
+        num_residual_streams: int = 4,
+    ):
+        check_positive_ints(dim=dim, depth=depth, segment_len=segment_len, heads=heads, dim_head=dim_head)
+        check_non_negative_ints(num_persist_mem_tokens=num_persist_mem_tokens)
+        memories = build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neural_memory_model)
+        mixers = [
+            self.mixer_class(LocalAttention(dim, heads, dim_head, segment_len, num_persist_mem_tokens, sliding=True), memory)
+            for memory in memories
+        ]
+        super().__init__(num_tokens, dim, mixers, ff_mult, num_residual_streams)
+        self.segment_len = segment_len

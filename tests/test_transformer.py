@@ -1,0 +1,190 @@
+"""What every Titans language model (MAC, MAG, MAL, LMM) must do: causality, cached decoding
+equal to the uncached forward, flat decoding cost, gradients everywhere, errors."""
+
+import pytest
+import torch
+
+from titans_pytorch import MemoryAsContextTransformer, MemoryAsGateTransformer, MemoryAsLayerTransformer, MemoryTransformer
+
+NUM_TOKENS, SEGMENT = 32, 4
+MEMORY = dict(chunk_size=2, heads=2, dim_head=8)
+COMMON = dict(num_tokens=NUM_TOKENS, dim=16, depth=2, num_residual_streams=2, neural_memory_kwargs=MEMORY)
+ATTENTION = dict(segment_len=SEGMENT, num_persist_mem_tokens=2, heads=2, dim_head=8)
+
+BUILDERS = {
+    "mac": lambda **kw: MemoryAsContextTransformer(**{**COMMON, **ATTENTION, "num_longterm_mem_tokens": 2, **kw}),
+    "mac-sliding": lambda **kw: MemoryAsContextTransformer(
+        **{**COMMON, **ATTENTION, "num_longterm_mem_tokens": 2, "sliding_window_attn": True, **kw}
+    ),
+    "mag": lambda **kw: MemoryAsGateTransformer(**{**COMMON, **ATTENTION, **kw}),
+    "mal": lambda **kw: MemoryAsLayerTransformer(**{**COMMON, **ATTENTION, **kw}),
+    "lmm": lambda **kw: MemoryTransformer(**{**COMMON, **kw}),
+}
+WITH_ATTENTION = [name for name in BUILDERS if name != "lmm"]
+
+
+def build(name, **kwargs):
+    torch.manual_seed(0)
+    return BUILDERS[name](**kwargs)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_causal(float64, name):
+    model = build(name)
+    ids = torch.randint(0, NUM_TOKENS, (2, 13))
+    logits = model(ids)
+    for t in (0, 3, 4, 9, 12):
+        changed = ids.clone()
+        changed[:, t] = (changed[:, t] + 1) % NUM_TOKENS
+        other = model(changed)
+        assert torch.equal(other[:, :t], logits[:, :t]), f"token {t} changed earlier logits"
+        assert not torch.allclose(other[:, t], logits[:, t])
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("prompt_len", [1, 3, 6, 9])
+def test_cached_decoding_equals_uncached(float64, name, prompt_len):
+    model = build(name).eval()
+    ids = torch.randint(0, NUM_TOKENS, (2, 15))
+    full = model(ids)
+    logits, cache = model(ids[:, :prompt_len], return_cache=True)
+    steps = [logits]
+    for t in range(prompt_len, 15):
+        logits, cache = model(ids[:, t : t + 1], cache=cache, return_cache=True)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-10, rtol=0)
+    assert cache.position == 15
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_greedy_sampling_cached_equals_uncached(float64, name):
+    model = build(name)
+    prompt = torch.randint(0, NUM_TOKENS, (2, 5))
+    cached = model.sample(prompt, 16, temperature=0.0, use_cache=True)
+    uncached = model.sample(prompt, 16, temperature=0.0, use_cache=False)
+    assert cached.shape == (2, 11)
+    assert torch.equal(cached, uncached)
+
+
+def cache_numel(cache):
+    """Elements held by a TransformerCache: every tensor in every layer's cache."""
+    total = 0
+
+    def visit(obj):
+        nonlocal total
+        if torch.is_tensor(obj):
+            total += obj.numel()
+        elif hasattr(obj, "items"):  # TensorDicts and dicts
+            for value in obj.values():
+                visit(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                visit(value)
+        elif hasattr(obj, "__dataclass_fields__"):
+            for field in obj.__dataclass_fields__:
+                visit(getattr(obj, field))
+
+    visit(cache.layers)
+    return total
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_decoding_state_does_not_grow_with_context(name):
+    # decoding cost is flat in context length: the cache a new token works on holds the
+    # same number of elements after 8 tokens as after 64 (same offset in segment and chunk)
+    model = build(name).eval()
+    ids = torch.randint(0, NUM_TOKENS, (1, 64))
+    sizes = {}
+    with torch.no_grad():
+        _, cache = model(ids[:, :1], return_cache=True)
+        for t in range(1, 64):
+            _, cache = model(ids[:, t : t + 1], cache=cache, return_cache=True)
+            if t + 1 in (8, 64):
+                sizes[t + 1] = cache_numel(cache)
+    assert sizes[8] == sizes[64] > 0
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_loss_reaches_every_parameter(name):
+    model = build(name)
+    ids = torch.randint(0, NUM_TOKENS, (2, 12))
+    # one step first: hyper-connections start with zero dynamic weights, whose scales then get
+    # an exactly zero (but present) gradient
+    model(ids, return_loss=True).backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+    model(ids, return_loss=True).backward()
+    for param_name, param in model.named_parameters():
+        if not param.requires_grad:  # rotary frequencies are fixed
+            continue
+        assert param.grad is not None, f"{param_name} received no gradient"
+        assert param.grad.abs().sum() > 0, f"{param_name} received a zero gradient"
+
+
+def influence_beyond_window(model):
+    """Max change of the last segment's logits when a token four windows earlier changes."""
+    ids = torch.randint(0, NUM_TOKENS, (2, 6 * SEGMENT))
+    changed = ids.clone()
+    changed[:, SEGMENT + 1] = (changed[:, SEGMENT + 1] + 5) % NUM_TOKENS
+    last = slice(5 * SEGMENT, 6 * SEGMENT)
+    return (model(changed)[:, last] - model(ids)[:, last]).abs().max().item()
+
+
+@pytest.mark.parametrize("name", WITH_ATTENTION)
+def test_only_the_memory_reaches_beyond_the_window(float64, name):
+    # depth 2 attention reaches at most 2 windows back; the token lies 4 windows back
+    assert influence_beyond_window(build(name)) > 1e-6
+    assert influence_beyond_window(build(name, neural_memory_layers=())) == 0.0
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_bad_inputs_raise(name):
+    model = build(name)
+    with pytest.raises(ValueError, match=r"\[0, 32\)"):
+        model(torch.tensor([[1, 2, 40]]))
+    with pytest.raises(TypeError, match="integer"):
+        model(torch.randn(1, 5))
+    with pytest.raises(ValueError, match="batch, seq"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"\[0, 32\)"):
+        model(torch.tensor([[1, -1, 3]]))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        model(torch.tensor([[1]]), return_loss=True)
+    with pytest.raises(TypeError, match="cache"):
+        model(torch.tensor([[1]]), cache=("not", "a cache"))
+    with pytest.raises(ValueError, match="prompt length"):
+        model.sample(torch.randint(0, NUM_TOKENS, (1, 10)), 5)
+    with pytest.raises(ValueError, match="depth"):
+        build(name, depth=0)
+
+
+@pytest.mark.parametrize("name", WITH_ATTENTION)
+def test_bad_attention_arguments_raise(name):
+    with pytest.raises(ValueError, match="neural_memory_layers"):
+        build(name, neural_memory_layers=(0, 3))
+    for argument in ("segment_len", "heads", "dim_head"):
+        with pytest.raises(ValueError, match=argument):
+            build(name, **{argument: 0})
+    with pytest.raises(ValueError, match="num_persist_mem_tokens"):
+        build(name, num_persist_mem_tokens=-1)
+
+
+def test_sampling_filters():
+    model = build("mac")
+    prompt = torch.randint(0, NUM_TOKENS, (1, 3))
+    for name, kwargs in (("min_p", {}), ("top_k", {"k": 3}), ("top_p", {"thres": 0.8})):
+        assert model.sample(prompt, 8, filter_fn=name, filter_kwargs=kwargs).shape == (1, 5)
+    # top_k with k = 1 is greedy whatever the temperature
+    torch.testing.assert_close(
+        model.sample(prompt, 8, filter_fn="top_k", filter_kwargs={"k": 1}), model.sample(prompt, 8, temperature=0.0)
+    )
+
+
+def test_bad_sampling_arguments_raise():
+    model = build("mag")
+    with pytest.raises(ValueError, match="at least one token"):
+        model.sample(torch.zeros(1, 0, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="filter_fn"):
+        model.sample(torch.randint(0, NUM_TOKENS, (1, 2)), 5, filter_fn="nucleus")
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(torch.randint(0, NUM_TOKENS, (1, 2)), 5, temperature=-1.0)
