@@ -1,25 +1,25 @@
-"""MemoryAsContextTransformer timings: training step of the train_mac.py-sized model, and
-decoding cost per token against context length.
+"""Titans language-model timings (MAC by default): training step of the train_mac.py-sized
+model, and decoding cost per token against context length.
 
     python benchmarks/bench_mac.py --threads 2
+    python benchmarks/bench_mac.py --threads 2 --model lmm --skip-train
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from bench_memory import device_name, median_time  # the sibling script's timing helpers
 
-from titans_pytorch import MemoryAsContextTransformer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from train_mac import MODEL_CLASSES, PRESETS, build_model  # noqa: E402  (the trainer's models)
 
 
-def train_model(device, ff_mult=4.0):
-    # the peer's train_mac.py model: dim 384, depth 8, segment 32, 8 heads of 64,
-    # neural memory on layers 2, 4, 6 with 4 heads of 64 and chunk 4
-    return MemoryAsContextTransformer(
-        num_tokens=256, dim=384, depth=8, segment_len=32, num_persist_mem_tokens=4, num_longterm_mem_tokens=4,
-        heads=8, dim_head=64, ff_mult=ff_mult, neural_memory_layers=(2, 4, 6),
-        neural_memory_kwargs=dict(chunk_size=4, heads=4, dim_head=64), num_residual_streams=4,
-    ).to(device)
+def train_model(device, name="mac", ff_mult=4.0):
+    # train_mac.py's base preset, the peer's train_mac.py model: dim 384, depth 8, segment 32,
+    # 8 heads of 64, neural memory on layers 2, 4, 6 with 4 heads of 64 and chunk 4
+    return build_model(name, {**PRESETS["base"]["arch"], "ff_mult": ff_mult}).to(device)
 
 
 def main():
@@ -31,6 +31,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--decode-contexts", default="256,4096")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--model", choices=sorted(MODEL_CLASSES), default="mac")
     parser.add_argument("--ff-mult", type=float, default=4.0, help="5.0 matches the peer's 19.5M parameters")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -38,9 +39,9 @@ def main():
     print(f"device: {device.type} ({device_name(device)}) | dtype: float32 | threads: {args.threads} | torch {torch.__version__}")
 
     torch.manual_seed(0)
-    model = train_model(device, args.ff_mult)
+    model = train_model(device, args.model, args.ff_mult)
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: train_mac.py size, {params / 1e6:.1f}M parameters")
+    print(f"model: {args.model}, train_mac.py base size, {params / 1e6:.1f}M parameters")
 
     if not args.skip_train:
         ids = torch.randint(0, 256, (args.batch, args.seq_len + 1), device=device)
