@@ -33,8 +33,8 @@ def test_longterm_memory_carries_information_across_segments(float64):
 
 
 def without_gate_read(model):
-    """Keep each memory's store but make its gating read a constant, so that the
-    long-term tokens are the memory's only way into the output."""
+    """Keep each memory's store but make its gating read a constant, so that the retrieved
+    tokens are the memory's only way into the output."""
     for layer in model.layers:
         memory = layer[1].memory
         if memory is None:
@@ -48,9 +48,39 @@ def without_gate_read(model):
     return model
 
 
-def test_longterm_tokens_alone_carry_information(float64):
-    assert influence_on_later_segment(without_gate_read(small_mac())) > 1e-6
-    assert influence_on_later_segment(without_gate_read(small_mac(num_longterm_mem_tokens=0))) == 0.0
+def only_longterm_retrieval(model, num_longterm=2):
+    """Also zero the per-token retrieval h_t, leaving the long-term tokens (reads at the
+    learned queries) as the memory's only way in."""
+    for layer in without_gate_read(model).layers:
+        memory = layer[1].memory
+
+        def longterm_only(seq, state=None, convolve=True, original=memory.retrieve):
+            out, state = original(seq, state, convolve)
+            return (out if seq.shape[1] == num_longterm else torch.zeros_like(out)), state
+
+        memory.retrieve = longterm_only
+    return model
+
+
+def test_each_retrieval_path_alone_carries_information(float64):
+    # per-token retrieval h_t = M_{s-1}(q_t), without long-term tokens or the gating read
+    assert influence_on_later_segment(without_gate_read(small_mac(num_longterm_mem_tokens=0))) > 1e-6
+    # the long-term tokens alone
+    assert influence_on_later_segment(only_longterm_retrieval(small_mac())) > 1e-6
+    # nothing left: exactly no influence (so the patches above do what they say)
+    assert influence_on_later_segment(only_longterm_retrieval(small_mac(num_longterm_mem_tokens=0))) == 0.0
+
+
+def test_retrieved_token_is_seen_from_its_own_position_on(float64):
+    # h_t depends on x_t: were it visible to earlier tokens, changing x_t would change their
+    # logits; checked at every offset inside a segment (segment_len 4, tokens 4..7)
+    model = small_mac(num_persist_mem_tokens=0, num_longterm_mem_tokens=0)
+    ids = torch.randint(0, 32, (2, 8))
+    logits = model(ids)
+    for t in range(4, 8):
+        changed = ids.clone()
+        changed[:, t] = (changed[:, t] + 3) % 32
+        assert torch.equal(model(changed)[:, :t], logits[:, :t])
 
 
 def test_seed_readme_block_runs():

@@ -15,14 +15,17 @@ from torch import nn
 
 @dataclass
 class AttentionCache:
-    """Keys and values `(batch, heads, m, dim_head)` of the last tokens a new token may see:
-    the current segment's (block attention) or the last `window - 1` tokens (sliding)."""
+    """Keys and values `(batch, heads, m, dim_head)` a new token may still see, with their
+    absolute `positions (m,)`: the current segment's (block attention) or the last
+    `window - 1` positions' (sliding). A position may hold several keys (MAC's retrieved
+    memory token beside the token itself)."""
 
     keys: torch.Tensor
     values: torch.Tensor
+    positions: torch.Tensor
 
     def detach(self):
-        return AttentionCache(self.keys.detach(), self.values.detach())
+        return AttentionCache(self.keys.detach(), self.values.detach(), self.positions)
 
 
 def segment_pieces(position: int, length: int, segment_len: int):
@@ -90,6 +93,12 @@ class LocalAttention(nn.Module):
         positions = torch.arange(position, position + x.shape[1], device=x.device)
         return self._rotate(q, positions), self._rotate(k, positions), v, normed
 
+    def keys_values(self, tokens, positions):
+        """Extra tokens `(b, m, dim)` attention should see -> keys (rotated at `positions (m,)`)
+        and values, `(b, h, m, d)`."""
+        _, k, v = map(self._split_heads, self.to_qkv(self.norm(tokens)).chunk(3, dim=-1))
+        return self._rotate(k, positions), v
+
     def prefix_keys_values(self, tokens, position: int, batch: int):
         """Persistent tokens plus `tokens (b, m, dim)` (or None) -> keys, values `(b, h, p, d)`
         rotated at the first position of `position`'s segment."""
@@ -101,29 +110,28 @@ class LocalAttention(nn.Module):
         if not parts:
             return None
         prefix = torch.cat([p.to(parts[-1].dtype) for p in parts], dim=1)
-        _, k, v = map(self._split_heads, self.to_qkv(self.norm(prefix)).chunk(3, dim=-1))
         segment_start = position - position % self.segment_len
-        positions = torch.full((prefix.shape[1],), segment_start, device=prefix.device)
-        return self._rotate(k, positions), v
+        return self.keys_values(prefix, torch.full((prefix.shape[1],), segment_start, device=prefix.device))
 
     def empty_cache(self, batch, device, dtype):
         shape = (batch, self.heads, 0, self.dim_head)
-        return AttentionCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        empty = torch.zeros(shape, device=device, dtype=dtype)
+        return AttentionCache(empty, empty, torch.zeros(0, dtype=torch.long, device=device))
 
-    def attend(self, q, k, v, position: int, cache: AttentionCache, prefix=None):
-        """One piece inside one segment: q, k, v `(b, h, n, d)` at absolute `position`.
-        Returns the attention output `(b, h, n, d)` and the updated cache."""
+    def attend(self, q, k, v, position: int, cache: AttentionCache, prefix=None, key_positions=None):
+        """One piece inside one segment: q `(b, h, n, d)` at absolute positions `position ..
+        position + n - 1`, new keys/values `(b, h, m, d)` at `key_positions (m,)` (default: the
+        queries' positions). Each query sees the prefix and the keys at positions up to its own
+        within its segment (block) or window (sliding). Returns the attention output
+        `(b, h, n, d)` and the updated cache."""
         n = q.shape[2]
+        query_pos = torch.arange(position, position + n, device=q.device)
+        if key_positions is None:
+            key_positions = query_pos
         seq_keys = torch.cat((cache.keys, k), dim=2)
         seq_values = torch.cat((cache.values, v), dim=2)
-        context = seq_keys.shape[2] - n
-        query_pos = torch.arange(position, position + n, device=q.device)
-        key_pos = torch.arange(position - context, position + n, device=q.device)
-        allowed = key_pos[None, :] <= query_pos[:, None]
-        if self.sliding:
-            allowed &= key_pos[None, :] > query_pos[:, None] - self.segment_len
-        else:
-            allowed &= key_pos[None, :] >= (query_pos - query_pos % self.segment_len)[:, None]
+        key_pos = torch.cat((cache.positions, key_positions))
+        allowed = (key_pos[None, :] <= query_pos[:, None]) & self._visible(key_pos[None, :], query_pos[:, None])
         keys, values = seq_keys, seq_values
         if prefix is not None:
             keys = torch.cat((prefix[0], keys), dim=2)
@@ -131,11 +139,16 @@ class LocalAttention(nn.Module):
             allowed = torch.cat((allowed.new_ones(n, prefix[0].shape[2]), allowed), dim=1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
 
-        # keep what the next token may see: the current segment's tokens, or the last window - 1
-        end = position + n
-        keep = self.segment_len - 1 if self.sliding else end % self.segment_len
-        keep = min(keep, seq_keys.shape[2])
-        return out, AttentionCache(seq_keys[:, :, seq_keys.shape[2] - keep :], seq_values[:, :, seq_values.shape[2] - keep :])
+        # keep what the next token (at position + n) may see
+        keep = self._visible(key_pos, torch.tensor(position + n, device=q.device)).nonzero().squeeze(1)
+        return out, AttentionCache(seq_keys[:, :, keep], seq_values[:, :, keep], key_pos[keep])
+
+    def _visible(self, key_pos, query_pos):
+        """Whether keys at `key_pos` lie in the window (sliding) or segment (block) of queries at
+        `query_pos` (before the causal condition)."""
+        if self.sliding:
+            return key_pos > query_pos - self.segment_len
+        return key_pos >= query_pos - query_pos % self.segment_len
 
     def to_out(self, out, x_normed):
         gate = torch.sigmoid(self.to_gate(x_normed))

@@ -12,12 +12,15 @@ from .transformer import MixerCache, TitansTransformer, build_memories
 
 
 class MemoryAsContextMixer(nn.Module):
-    """One MAC sequence mixer. For each segment `s` of `segment_len` tokens:
+    """One MAC sequence mixer. For each segment `s` of `segment_len` tokens, with `M_{s-1}` the
+    memory as it stood before the segment:
 
-    1. retrieve: `h_s = M_{s-1}(q_l)`, the memory as it stood before the segment read at
-       `num_longterm_mem_tokens` learned query tokens `q_l` (they depend only on the
-       memory's state, so they cannot leak the segment's own future);
-    2. attend causally over `[persistent || h_s || segment]`, giving `y`;
+    1. retrieve: `h_t = M_{s-1}(q_t)` for each token `t` of the segment (`q_t` the memory's
+       query of `x_t`), and `num_longterm_mem_tokens` tokens `M_{s-1}(q_l)` read at learned
+       query tokens `q_l` (a data-independent summary);
+    2. attend causally over `[persistent || long-term || h || segment]`, giving `y`: token `t`
+       sees `h_i` and `x_i` for `i <= t` of its segment (or window), so nothing leaks from
+       the future;
     3. store `y` in the memory and
     4. gate: `out = y * sigmoid(M(y))`, each token reading the memory as updated by the
        chunks of `y` before its own (retrieve-then-store inside the segment, so causal).
@@ -50,30 +53,37 @@ class MemoryAsContextMixer(nn.Module):
         memory = None
         if self.memory is not None:
             memory = self.memory.init_state(batch, device=x.device, dtype=self.memory._inner_dtype(x.dtype))
-        return MixerCache(self.attention.empty_cache(batch, x.device, x.dtype), memory, None)
+        return MixerCache(self.attention.empty_cache(batch, x.device, x.dtype), memory)
 
     def forward(self, x, position: int, cache: MixerCache | None = None):
         cache = cache if cache is not None else self._init_cache(x)
         batch, length = x.shape[:2]
-        attn_cache, memory_state, prefix = cache.attention, cache.memory, cache.prefix
+        attn_cache, memory_state, prefix, segment_memory = cache.attention, cache.memory, cache.prefix, cache.segment_memory
         q, k, v, normed = self.attention.project(x, position)
         outputs = []
         for start, end in segment_pieces(position, length, self.segment_len):
-            piece_position = position + start
-            if prefix is None or piece_position % self.segment_len == 0:
-                longterm = None
+            piece_position, piece = position + start, slice(start, end)
+            if prefix is None or piece_position % self.segment_len == 0:  # a new segment: M_{s-1}
+                segment_memory, longterm = memory_state, None
                 if self.longterm_queries is not None:
                     queries = self.longterm_queries.to(x.dtype).expand(batch, -1, -1)
-                    longterm, memory_state = self.memory.retrieve(queries, memory_state, convolve=False)
+                    longterm, _ = self.memory.retrieve(queries, segment_memory, convolve=False)
                 prefix = self.attention.prefix_keys_values(longterm, piece_position, batch)
-            piece = slice(start, end)
-            y, attn_cache = self.attention.attend(q[:, :, piece], k[:, :, piece], v[:, :, piece], piece_position, attn_cache, prefix)
+            keys, values, key_positions = k[:, :, piece], v[:, :, piece], None
+            if self.memory is not None:
+                # h_t = M_{s-1}(q_t), seen by the tokens at and after t
+                retrieved, _ = self.memory.retrieve(x[:, piece], segment_memory, convolve=False)
+                positions = torch.arange(piece_position, position + end, device=x.device)
+                retrieved_keys, retrieved_values = self.attention.keys_values(retrieved, positions)
+                keys, values = torch.cat((retrieved_keys, keys), dim=2), torch.cat((retrieved_values, values), dim=2)
+                key_positions = torch.cat((positions, positions))
+            y, attn_cache = self.attention.attend(q[:, :, piece], keys, values, piece_position, attn_cache, prefix, key_positions)
             y = self.attention.to_out(y, normed[:, piece])
             if self.memory is not None:
                 read, memory_state = self.memory(y, state=memory_state, return_state=True)
                 y = y * torch.sigmoid(read)
             outputs.append(y)
-        return torch.cat(outputs, dim=1), MixerCache(attn_cache, memory_state, prefix)
+        return torch.cat(outputs, dim=1), MixerCache(attn_cache, memory_state, prefix, segment_memory)
 
 
 class MemoryAsContextTransformer(TitansTransformer):

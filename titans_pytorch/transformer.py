@@ -41,17 +41,20 @@ class TransformerCache:
 @dataclass
 class MixerCache:
     """A mixer's cache: attention keys/values (`AttentionCache` or None), the neural memory's
-    state (`NeuralMemoryState` or None) and the current segment's prefix keys/values."""
+    state (`NeuralMemoryState` or None), the current segment's prefix keys/values and the
+    memory's state at the segment's start (MAC)."""
 
     attention: object = None
     memory: object = None
     prefix: tuple | None = None
+    segment_memory: object = None
 
     def detach(self) -> "MixerCache":
         return MixerCache(
             self.attention.detach() if self.attention is not None else None,
             self.memory.detach() if self.memory is not None else None,
             tuple(t.detach() for t in self.prefix) if self.prefix is not None else None,
+            self.segment_memory.detach() if self.segment_memory is not None else None,
         )
 
 
