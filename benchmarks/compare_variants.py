@@ -25,7 +25,7 @@ MODELS = ("mac", "mag", "mal", "lmm")
 
 def run(model, args, out):
     command = [sys.executable, str(ROOT / "train_mac.py"), "--model", model, "--preset", args.preset,
-               "--steps", str(args.steps), "--seed", str(args.seed), "--out", str(out), "--device", "cpu"]
+               "--steps", str(args.steps), "--seed", str(args.seed), "--out", str(out), "--device", "cpu", "--overwrite"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     subprocess.run(command + args.extra, check=True, env=env, cwd=ROOT)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
