@@ -22,8 +22,7 @@ The models share width, depth, heads, window and training: MAC, MAG, MAL (attent
 memory), LMM (neural memory only) and `window`, MAC with its memory layers off, i.e. block
 attention over windows of `window` tokens with persistent tokens. No token sees a key beyond its
 own window except through a memory, so `window` cannot do better than chance at one window and
-beyond. MAG, MAL and LMM are looked up in `titans_pytorch` when the script runs; missing ones are
-skipped with a note. Results of one model do not depend on which others run (fixed seeds).
+beyond. Results of one model do not depend on which others run (fixed seeds).
 
 Defaults, and why (see the README's "Long-range recall" section for the runs behind them): the
 memory network is `LinearMemory` with momentum off, because the library's default
@@ -55,12 +54,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import device_name, print_table  # noqa: E402  - the sibling script's helpers
 
 ALL_MODELS = ("mac", "mag", "mal", "lmm", "window")
-CLASS_NAMES = {
-    "mac": "MemoryAsContextTransformer",
-    "mag": "MemoryAsGateTransformer",
-    "mal": "MemoryAsLayerTransformer",
-    "lmm": "MemoryTransformer",
-    "window": "MemoryAsContextTransformer",
+MODEL_CLASSES = {
+    "mac": titans_pytorch.MemoryAsContextTransformer,
+    "mag": titans_pytorch.MemoryAsGateTransformer,
+    "mal": titans_pytorch.MemoryAsLayerTransformer,
+    "lmm": titans_pytorch.MemoryTransformer,
+    "window": titans_pytorch.MemoryAsContextTransformer,  # with its memory layers off
 }
 
 
@@ -162,10 +161,8 @@ def memory_model(args):
 
 
 def build_model(name, args, task):
-    """The model called `name`, or None when the library does not have it yet."""
-    cls = getattr(titans_pytorch, CLASS_NAMES[name], None)
-    if cls is None:
-        return None
+    """The model called `name` (one of ALL_MODELS)."""
+    cls = MODEL_CLASSES[name]
     common = dict(num_tokens=task.num_tokens, dim=args.dim, depth=args.depth, ff_mult=args.ff_mult,
                   num_residual_streams=args.streams)
     if name != "window":
@@ -363,9 +360,6 @@ def run(args):
     for name in names:
         torch.manual_seed(args.seed)
         model = build_model(name, args, task)
-        if model is None:
-            print(f"{name}: titans_pytorch.{CLASS_NAMES[name]} not found, skipped\n")
-            continue
         params = sum(p.numel() for p in model.parameters())
         lr = lrs.get(name, args.lr)
         print(f"== {name} ({type(model).__name__}, {params:,} parameters, lr {lr})")

@@ -15,17 +15,16 @@ from torch import nn
 
 @dataclass
 class AttentionCache:
-    """Keys and values `(batch, heads, m, dim_head)` a new token may still see, with their
-    absolute `positions (m,)`: the current segment's (block attention) or the last
-    `window - 1` positions' (sliding). A position may hold several keys (MAC's retrieved
-    memory token beside the token itself)."""
+    """Keys and values `(batch, heads, m, dim_head)` a new token may still see, ordered by
+    position: the current segment's (block attention) or the last `window - 1` positions'
+    (sliding), with the same number of keys at every position (MAC: the token and its
+    retrieved memory token)."""
 
     keys: torch.Tensor
     values: torch.Tensor
-    positions: torch.Tensor
 
     def detach(self):
-        return AttentionCache(self.keys.detach(), self.values.detach(), self.positions)
+        return AttentionCache(self.keys.detach(), self.values.detach())
 
 
 def segment_pieces(position: int, length: int, segment_len: int):
@@ -95,8 +94,9 @@ class LocalAttention(nn.Module):
 
     def keys_values(self, tokens, positions):
         """Extra tokens `(b, m, dim)` attention should see -> keys (rotated at `positions (m,)`)
-        and values, `(b, h, m, d)`."""
-        _, k, v = map(self._split_heads, self.to_qkv(self.norm(tokens)).chunk(3, dim=-1))
+        and values, `(b, h, m, d)`. Only the key and value rows of `to_qkv` are applied."""
+        key_value_weight = self.to_qkv.weight[self.heads * self.dim_head :]
+        k, v = map(self._split_heads, F.linear(self.norm(tokens), key_value_weight).chunk(2, dim=-1))
         return self._rotate(k, positions), v
 
     def prefix_keys_values(self, tokens, position: int, batch: int):
@@ -116,22 +116,26 @@ class LocalAttention(nn.Module):
     def empty_cache(self, batch, device, dtype):
         shape = (batch, self.heads, 0, self.dim_head)
         empty = torch.zeros(shape, device=device, dtype=dtype)
-        return AttentionCache(empty, empty, torch.zeros(0, dtype=torch.long, device=device))
+        return AttentionCache(empty, empty)
 
-    def attend(self, q, k, v, position: int, cache: AttentionCache, prefix=None, key_positions=None):
+    def attend(self, q, k, v, position: int, cache: AttentionCache, prefix=None):
         """One piece inside one segment: q `(b, h, n, d)` at absolute positions `position ..
-        position + n - 1`, new keys/values `(b, h, m, d)` at `key_positions (m,)` (default: the
-        queries' positions). Each query sees the prefix and the keys at positions up to its own
-        within its segment (block) or window (sliding). Returns the attention output
-        `(b, h, n, d)` and the updated cache."""
+        position + n - 1`; new keys/values `(b, h, r * n, d)`, `r` per position, ordered by
+        position (r = 1: the queries' own). Each query sees the prefix and the keys at
+        positions up to its own within its segment (block) or window (sliding). Returns the
+        attention output `(b, h, n, d)` and the updated cache."""
         n = q.shape[2]
-        query_pos = torch.arange(position, position + n, device=q.device)
-        if key_positions is None:
-            key_positions = query_pos
+        per_position = k.shape[2] // n
         seq_keys = torch.cat((cache.keys, k), dim=2)
         seq_values = torch.cat((cache.values, v), dim=2)
-        key_pos = torch.cat((cache.positions, key_positions))
-        allowed = (key_pos[None, :] <= query_pos[:, None]) & self._visible(key_pos[None, :], query_pos[:, None])
+        context = cache.keys.shape[2] // per_position  # cached positions, the ones just before `position`
+        query_pos = torch.arange(position, position + n, device=q.device)
+        key_pos = torch.arange(position - context, position + n, device=q.device).repeat_interleave(per_position)
+        allowed = key_pos[None, :] <= query_pos[:, None]
+        if self.sliding:
+            allowed &= key_pos[None, :] > query_pos[:, None] - self.segment_len
+        else:
+            allowed &= key_pos[None, :] >= (query_pos - query_pos % self.segment_len)[:, None]
         keys, values = seq_keys, seq_values
         if prefix is not None:
             keys = torch.cat((prefix[0], keys), dim=2)
@@ -139,16 +143,11 @@ class LocalAttention(nn.Module):
             allowed = torch.cat((allowed.new_ones(n, prefix[0].shape[2]), allowed), dim=1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
 
-        # keep what the next token (at position + n) may see
-        keep = self._visible(key_pos, torch.tensor(position + n, device=q.device)).nonzero().squeeze(1)
-        return out, AttentionCache(seq_keys[:, :, keep], seq_values[:, :, keep], key_pos[keep])
-
-    def _visible(self, key_pos, query_pos):
-        """Whether keys at `key_pos` lie in the window (sliding) or segment (block) of queries at
-        `query_pos` (before the causal condition)."""
-        if self.sliding:
-            return key_pos > query_pos - self.segment_len
-        return key_pos >= query_pos - query_pos % self.segment_len
+        # keep what the next token may see: the current segment's positions, or the last window - 1
+        end = position + n
+        keep = min(self.segment_len - 1 if self.sliding else end % self.segment_len, context + n) * per_position
+        start = seq_keys.shape[2] - keep
+        return out, AttentionCache(seq_keys[:, :, start:], seq_values[:, :, start:])
 
     def to_out(self, out, x_normed):
         gate = torch.sigmoid(self.to_gate(x_normed))

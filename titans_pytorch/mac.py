@@ -69,15 +69,15 @@ class MemoryAsContextMixer(nn.Module):
                     queries = self.longterm_queries.to(x.dtype).expand(batch, -1, -1)
                     longterm, _ = self.memory.retrieve(queries, segment_memory, convolve=False)
                 prefix = self.attention.prefix_keys_values(longterm, piece_position, batch)
-            keys, values, key_positions = k[:, :, piece], v[:, :, piece], None
+            keys, values = k[:, :, piece], v[:, :, piece]
             if self.memory is not None:
-                # h_t = M_{s-1}(q_t), seen by the tokens at and after t
+                # h_t = M_{s-1}(q_t), seen by the tokens at and after t: its key sits beside x_t's
                 retrieved, _ = self.memory.retrieve(x[:, piece], segment_memory, convolve=False)
                 positions = torch.arange(piece_position, position + end, device=x.device)
                 retrieved_keys, retrieved_values = self.attention.keys_values(retrieved, positions)
-                keys, values = torch.cat((retrieved_keys, keys), dim=2), torch.cat((retrieved_values, values), dim=2)
-                key_positions = torch.cat((positions, positions))
-            y, attn_cache = self.attention.attend(q[:, :, piece], keys, values, piece_position, attn_cache, prefix, key_positions)
+                keys = torch.stack((retrieved_keys, keys), dim=3).flatten(2, 3)
+                values = torch.stack((retrieved_values, values), dim=3).flatten(2, 3)
+            y, attn_cache = self.attention.attend(q[:, :, piece], keys, values, piece_position, attn_cache, prefix)
             y = self.attention.to_out(y, normed[:, piece])
             if self.memory is not None:
                 read, memory_state = self.memory(y, state=memory_state, return_state=True)
