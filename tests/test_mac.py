@@ -83,6 +83,28 @@ def test_retrieved_token_is_seen_from_its_own_position_on(float64):
         assert torch.equal(model(changed)[:, :t], logits[:, :t])
 
 
+def test_memory_stores_the_stream_after_attention(float64):
+    # the paper's order: retrieve, attend, then store the attention layer's output. In the
+    # residual stream that is x + Attn(...): capture, per layer, the mixer's input x, the
+    # attention branch (to_out_proj's output) and what the memory is given to store
+    model = small_mac(num_residual_streams=1)
+    seen = {}
+    for index, layer in enumerate(model.layers):
+        mixer = layer[1]
+        mixer.register_forward_pre_hook(lambda m, args, i=index: seen.setdefault(("x", i), []).append(args[0]))
+        mixer.attention.to_out_proj.register_forward_hook(
+            lambda m, args, out, i=index: seen.setdefault(("attn", i), []).append(out)
+        )
+        mixer.memory.register_forward_pre_hook(lambda m, args, i=index: seen.setdefault(("stored", i), []).append(args[0]))
+    model(torch.randint(0, 32, (2, 10)))  # 3 segment pieces of 4, 4, 2 tokens
+    for index in range(len(model.layers)):
+        x = seen[("x", index)][0]
+        attn = torch.cat(seen[("attn", index)], dim=1)
+        stored = torch.cat(seen[("stored", index)], dim=1)
+        assert attn.abs().max() > 1e-3  # the attention branch is not trivially zero
+        torch.testing.assert_close(stored, x + attn, atol=1e-12, rtol=0)
+
+
 def test_seed_readme_block_runs():
     transformer = MemoryAsContextTransformer(
         num_tokens=256, dim=64, depth=2, segment_len=32, num_persist_mem_tokens=4, num_longterm_mem_tokens=16,
