@@ -66,3 +66,39 @@ def test_memory_beats_window_baseline(tmp_path):
             baseline = results["window"]["accuracy"][setting][window]
             assert baseline < chance + 0.1, (setting, window, baseline)
             assert memory > max(0.5, baseline + 0.3), (setting, window, memory, baseline)
+
+
+def load_paths_probe():
+    spec = importlib.util.spec_from_file_location("recall_paths", BENCHMARK.parent / "recall_paths.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paths_probe_switches_off_exactly_the_reads_it_names(float64):
+    # recall_paths.py attributes MAC's recall to its reads by zeroing them: with all three off,
+    # a token two segments back must not reach the output; each read alone must; and leaving
+    # the block must restore the model
+    from titans_pytorch import MemoryAsContextTransformer
+
+    probe = load_paths_probe()
+    torch.manual_seed(0)
+    model = MemoryAsContextTransformer(
+        num_tokens=32, dim=16, depth=2, segment_len=4, num_persist_mem_tokens=2, num_longterm_mem_tokens=2,
+        heads=2, dim_head=8, num_residual_streams=1, neural_memory_kwargs=dict(chunk_size=2, heads=2, dim_head=8),
+    )
+    ids = torch.randint(0, 32, (2, 16))
+    changed = ids.clone()
+    changed[:, 5] = (changed[:, 5] + 5) % 32  # segment 1; segment 3 is scored
+
+    def influence():
+        return (model(changed)[:, 12:] - model(ids)[:, 12:]).abs().max().item()
+
+    before = model(ids)
+    with probe.switched_off(model, per_token=True, longterm=True, gate=True):
+        assert influence() == 0.0
+    for kept in ("per_token", "longterm", "gate"):
+        off = {name: name != kept for name in ("per_token", "longterm", "gate")}
+        with probe.switched_off(model, **off):
+            assert influence() > 1e-6, kept
+    assert torch.equal(model(ids), before)

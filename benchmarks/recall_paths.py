@@ -1,0 +1,120 @@
+"""Which path carries MAC's recall? Trains MAC as `recall.py` does (same flags, same seed, so the
+same model), then scores multi-query recall at one distance with each of MAC's three ways of
+reading the memory switched off in turn, and by query order.
+
+    python benchmarks/recall_paths.py                 # MAC, recall.py's default setting
+    python benchmarks/recall_paths.py --distance 4    # in attention windows
+
+MAC reads its memory three ways: per-token retrieval `h_t = M_{s-1}(q_t)` and the long-term
+tokens (both seen by attention), and the gated read `out = Attn * sigmoid(M(y))`. A path is
+switched off by zeroing what it reads (retrieved tokens become zero vectors; the gate becomes a
+constant 1/2); the memory still stores as before.
+
+By query order: in the evaluation sequences the facts' queries come one after another, the first
+asking the last fact. A model that recalls by key scores about the same at every query. One that
+keeps only the set of values it saw (a "bag of values") and drops each value once its query has
+been answered scores about `1 / (facts - i)` at query `i`: 1/8 first, 1 last.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import recall  # noqa: E402  - the sibling benchmark: task, model, training
+
+from bench_memory import device_name  # noqa: E402
+
+
+@contextmanager
+def switched_off(model, per_token=False, longterm=False, gate=False):
+    """Zero the chosen reads of every memory layer for the duration of the block."""
+    saved = []
+    for layer in model.layers:
+        mixer = layer[1]
+        memory = mixer.memory
+        if memory is None:
+            continue
+        saved.append(memory)
+
+        def retrieve_off(seq, state=None, convolve=True, original=memory.retrieve, queries=mixer.longterm_queries):
+            out, state = original(seq, state, convolve)
+            longterm_call = queries is not None and seq.shape[1] == queries.shape[0] and torch.equal(
+                seq[0], queries.to(seq.dtype))
+            if (longterm_call and longterm) or (not longterm_call and per_token):
+                out = torch.zeros_like(out)
+            return out, state
+
+        def forward_off(seq, state=None, return_state=False, original=memory.forward):
+            out, state = original(seq, state=state, return_state=True)
+            out = torch.zeros_like(out) if gate else out
+            return (out, state) if return_state else out
+
+        memory.retrieve, memory.forward = retrieve_off, forward_off
+    try:
+        yield model
+    finally:
+        for memory in saved:  # drop the instance attributes: the class's methods again
+            del memory.retrieve, memory.forward
+
+
+@torch.no_grad()
+def accuracy_by_order(model, task, args, distance, sequences):
+    """Overall accuracy and accuracy of the i-th query of each sequence (facts = args.pairs)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(args.seed + 2_000_003)
+    correct = torch.zeros(args.pairs)
+    remaining = sequences
+    while remaining > 0:
+        n = min(args.batch, remaining)
+        ids, targets, mask, _ = task.sample(n, generator, pairs=args.pairs, distance=distance)
+        right = (model(ids).argmax(dim=-1) == targets) & mask
+        # the answers of a sequence, in query order
+        correct += torch.stack([right[b][mask[b]] for b in range(n)]).float().sum(0)
+        remaining -= n
+    by_order = correct / sequences
+    return by_order.mean().item(), by_order.tolist()
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    distance = 4
+    if "--distance" in argv:
+        i = argv.index("--distance")
+        distance = int(argv[i + 1])
+        del argv[i : i + 2]
+    args = recall.parse_args(["--models", "mac", *argv])
+    torch.set_num_threads(args.threads)
+    task = recall.RecallTask(args.num_filler, args.num_keys, args.num_values, args.pairs, args.seq_len)
+    lr = recall.model_lrs(args).get("mac", args.lr)
+    print(f"device: cpu ({device_name(torch.device('cpu'))}) | dtype: float32 | threads: {torch.get_num_threads()}")
+    torch.manual_seed(args.seed)
+    model = recall.build_model("mac", args, task)
+    print(f"training MAC as benchmarks/recall.py does: {args.steps} steps, lr {lr}")
+    recall.train(model, task, args, lr, log_prefix="mac: ")
+
+    cases = [
+        ("all three reads", {}),
+        ("no per-token retrieval", dict(per_token=True)),
+        ("no long-term tokens", dict(longterm=True)),
+        ("no gated read", dict(gate=True)),
+        ("gated read only", dict(per_token=True, longterm=True)),
+    ]
+    print(f"\n{args.pairs} facts, every query >= {distance} windows ({distance * args.window} tokens) after its fact,"
+          f" {args.eval_sequences} fresh sequences; chance {task.chance:.4f}")
+    header = ("MAC with", "accuracy", *(f"query {i + 1}" for i in range(args.pairs)))
+    rows = []
+    for label, off in cases:
+        with switched_off(model, **off):
+            overall, by_order = accuracy_by_order(model, task, args, distance * args.window, args.eval_sequences)
+        rows.append((label, f"{overall:.3f}", *(f"{a:.2f}" for a in by_order)))
+    rows.append(("(bag of values: 1/(facts-i))", "", *(f"{1 / (args.pairs - i):.2f}" for i in range(args.pairs))))
+    recall.print_table(header, rows)
+
+
+if __name__ == "__main__":
+    main()
