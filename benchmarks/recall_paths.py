@@ -4,6 +4,7 @@ reading the memory switched off in turn, and by query order.
 
     python benchmarks/recall_paths.py                 # MAC, recall.py's default setting
     python benchmarks/recall_paths.py --distance 4    # in attention windows
+    python benchmarks/recall_paths.py --store-input   # control: the memory stores x, not x + Attn
 
 MAC reads its memory three ways: per-token retrieval `h_t = M_{s-1}(q_t)` and the long-term
 tokens (both seen by attention), and the gated read `out = Attn * sigmoid(M(y))`. A path is
@@ -19,6 +20,7 @@ been answered scores about `1 / (facts - i)` at query `i`: 1/8 first, 1 last.
 from __future__ import annotations
 
 import sys
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,6 +64,27 @@ def switched_off(model, per_token=False, longterm=False, gate=False):
             del memory.retrieve, memory.forward
 
 
+@contextmanager
+def storing_layer_input(model):
+    """A control, not MAC: each memory stores (and reads at) the mixer's input `x` instead of
+    `x + Attn`, the way MAG, MAL and LMM do; the order the paper rules out for MAC."""
+    handles = []
+    for layer in model.layers:
+        mixer = layer[1]
+        if mixer.memory is None:
+            continue
+        last = {}
+        handles.append(mixer.attention.to_out_proj.register_forward_hook(
+            lambda module, args, out, last=last: last.__setitem__("attn", out)))
+        handles.append(mixer.memory.register_forward_pre_hook(
+            lambda module, args, last=last: (args[0] - last["attn"], *args[1:])))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def accuracy_by_order(model, task, args, distance, sequences):
     """Overall accuracy and accuracy of the i-th query of each sequence (facts = args.pairs)."""
@@ -80,23 +103,8 @@ def accuracy_by_order(model, task, args, distance, sequences):
     return by_order.mean().item(), by_order.tolist()
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    distance = 4
-    if "--distance" in argv:
-        i = argv.index("--distance")
-        distance = int(argv[i + 1])
-        del argv[i : i + 2]
-    args = recall.parse_args(["--models", "mac", *argv])
-    torch.set_num_threads(args.threads)
-    task = recall.RecallTask(args.num_filler, args.num_keys, args.num_values, args.pairs, args.seq_len)
-    lr = recall.model_lrs(args).get("mac", args.lr)
-    print(f"device: cpu ({device_name(torch.device('cpu'))}) | dtype: float32 | threads: {torch.get_num_threads()}")
-    torch.manual_seed(args.seed)
-    model = recall.build_model("mac", args, task)
-    print(f"training MAC as benchmarks/recall.py does: {args.steps} steps, lr {lr}")
-    recall.train(model, task, args, lr, log_prefix="mac: ")
-
+def report(model, task, args, distance):
+    """Print the accuracy table: each read switched off in turn, by query order."""
     cases = [
         ("all three reads", {}),
         ("no per-token retrieval", dict(per_token=True)),
@@ -114,6 +122,32 @@ def main(argv=None):
         rows.append((label, f"{overall:.3f}", *(f"{a:.2f}" for a in by_order)))
     rows.append(("(bag of values: 1/(facts-i))", "", *(f"{1 / (args.pairs - i):.2f}" for i in range(args.pairs))))
     recall.print_table(header, rows)
+
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    distance = 4
+    if "--distance" in argv:
+        i = argv.index("--distance")
+        distance = int(argv[i + 1])
+        del argv[i : i + 2]
+    store_input = "--store-input" in argv  # the control: memory on the layer input
+    if store_input:
+        argv.remove("--store-input")
+    args = recall.parse_args(["--models", "mac", *argv])
+    torch.set_num_threads(args.threads)
+    task = recall.RecallTask(args.num_filler, args.num_keys, args.num_values, args.pairs, args.seq_len)
+    lr = recall.model_lrs(args).get("mac", args.lr)
+    print(f"device: cpu ({device_name(torch.device('cpu'))}) | dtype: float32 | threads: {torch.get_num_threads()}")
+    torch.manual_seed(args.seed)
+    model = recall.build_model("mac", args, task)
+    control = storing_layer_input(model) if store_input else contextlib.nullcontext()
+    with control:
+        what = "MAC storing its layer input x (control)" if store_input else "MAC"
+        print(f"training {what} as benchmarks/recall.py does: {args.steps} steps, lr {lr}")
+        recall.train(model, task, args, lr, log_prefix="mac: ")
+        report(model, task, args, distance)
 
 
 if __name__ == "__main__":

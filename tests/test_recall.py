@@ -102,3 +102,26 @@ def test_paths_probe_switches_off_exactly_the_reads_it_names(float64):
         with probe.switched_off(model, **off):
             assert influence() > 1e-6, kept
     assert torch.equal(model(ids), before)
+
+
+def test_store_input_control_stores_the_layer_input(float64):
+    # recall_paths.py --store-input: each memory must be given the mixer's input x, not x + Attn
+    from titans_pytorch import MemoryAsContextTransformer
+
+    probe = load_paths_probe()
+    torch.manual_seed(0)
+    model = MemoryAsContextTransformer(
+        num_tokens=32, dim=16, depth=2, segment_len=4, num_longterm_mem_tokens=2, heads=2, dim_head=8,
+        num_residual_streams=1, neural_memory_kwargs=dict(chunk_size=2, heads=2, dim_head=8),
+    )
+    seen = {}
+    for index, layer in enumerate(model.layers):
+        layer[1].register_forward_pre_hook(lambda m, args, i=index: seen.setdefault(("x", i), []).append(args[0]))
+    with probe.storing_layer_input(model):
+        for index, layer in enumerate(model.layers):  # registered after the control's hook: sees its result
+            layer[1].memory.register_forward_pre_hook(
+                lambda m, args, i=index: seen.setdefault(("stored", i), []).append(args[0]))
+        model(torch.randint(0, 32, (2, 10)))
+    for index in range(len(model.layers)):
+        stored = torch.cat(seen[("stored", index)], dim=1)
+        torch.testing.assert_close(stored, seen[("x", index)][0], atol=1e-12, rtol=0)
