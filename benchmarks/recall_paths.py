@@ -19,9 +19,8 @@ been answered scores about `1 / (facts - i)` at query `i`: 1/8 first, 1 last.
 
 from __future__ import annotations
 
-import sys
 import contextlib
-from contextlib import contextmanager
+import sys
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ import recall  # noqa: E402  - the sibling benchmark: task, model, training
 from bench_memory import device_name  # noqa: E402
 
 
-@contextmanager
+@contextlib.contextmanager
 def switched_off(model, per_token=False, longterm=False, gate=False):
     """Zero the chosen reads of every memory layer for the duration of the block."""
     saved = []
@@ -64,7 +63,7 @@ def switched_off(model, per_token=False, longterm=False, gate=False):
             del memory.retrieve, memory.forward
 
 
-@contextmanager
+@contextlib.contextmanager
 def storing_layer_input(model):
     """A control, not MAC: each memory stores (and reads at) the mixer's input `x` instead of
     `x + Attn`, the way MAG, MAL and LMM do; the order the paper rules out for MAC."""
