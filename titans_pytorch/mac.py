@@ -22,7 +22,8 @@ class MemoryAsContextMixer(nn.Module):
        sees `h_i` and `x_i` for `i <= t` of its segment (or window), so nothing leaks from
        the future;
     3. store the attention layer's output in the residual stream, `y = x + Attn(...)`, in
-       the memory (the paper's `M_t = M_{t-1}(y_t)`) and
+       the memory (the paper's `M_t = M_{t-1}(y_t)`; `x` is the mixer's input, with
+       hyper-connections the streams' mix) and
     4. gate: `out = Attn(...) * sigmoid(M(y))`, each token reading the memory as updated by
        the chunks before its own (retrieve-then-store inside the segment, so causal); the
        block adds `out` to the stream.
