@@ -19,6 +19,7 @@ been answered scores about `1 / (facts - i)` at query `i`: 1/8 first, 1 last.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -125,16 +126,12 @@ def report(model, task, args, distance):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    distance = 4
-    if "--distance" in argv:
-        i = argv.index("--distance")
-        distance = int(argv[i + 1])
-        del argv[i : i + 2]
-    store_input = "--store-input" in argv  # the control: memory on the layer input
-    if store_input:
-        argv.remove("--store-input")
-    args = recall.parse_args(["--models", "mac", *argv])
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--distance", type=int, default=4, help="in attention windows")
+    own.add_argument("--store-input", action="store_true", help="the control: memory on the layer input x")
+    mine, rest = own.parse_known_args(argv)
+    distance, store_input = mine.distance, mine.store_input
+    args = recall.parse_args(["--models", "mac", *rest])  # everything else is recall.py's
     torch.set_num_threads(args.threads)
     task = recall.RecallTask(args.num_filler, args.num_keys, args.num_values, args.pairs, args.seq_len)
     lr = recall.model_lrs(args).get("mac", args.lr)

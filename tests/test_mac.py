@@ -1,6 +1,9 @@
 """MemoryAsContextTransformer: what only MAC does (long-term tokens, segment-level memory).
 The checks shared by every variant are in test_transformer.py."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,43 +35,29 @@ def test_longterm_memory_carries_information_across_segments(float64):
     assert influence_on_later_segment(small_mac(neural_memory_layers=())) == 0.0
 
 
-def without_gate_read(model):
-    """Keep each memory's store but make its gating read a constant, so that the retrieved
-    tokens are the memory's only way into the output."""
-    for layer in model.layers:
-        memory = layer[1].memory
-        if memory is None:
-            continue
-
-        def store_only(y, state=None, return_state=False, original=memory.forward):
-            _, state = original(y, state=state, return_state=True)
-            return torch.zeros_like(y), state
-
-        memory.forward = store_only
-    return model
-
-
-def only_longterm_retrieval(model, num_longterm=2):
-    """Also zero the per-token retrieval h_t, leaving the long-term tokens (reads at the
-    learned queries) as the memory's only way in."""
-    for layer in without_gate_read(model).layers:
-        memory = layer[1].memory
-
-        def longterm_only(seq, state=None, convolve=True, original=memory.retrieve):
-            out, state = original(seq, state, convolve)
-            return (out if seq.shape[1] == num_longterm else torch.zeros_like(out)), state
-
-        memory.retrieve = longterm_only
-    return model
+def switched_off(model, **reads):
+    """benchmarks/recall_paths.py's switch: zero the named memory reads of every layer
+    (per_token, longterm, gate) inside the block; the memory still stores."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "recall_paths.py"
+    spec = importlib.util.spec_from_file_location("recall_paths", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.switched_off(model, **reads)
 
 
 def test_each_retrieval_path_alone_carries_information(float64):
     # per-token retrieval h_t = M_{s-1}(q_t), without long-term tokens or the gating read
-    assert influence_on_later_segment(without_gate_read(small_mac(num_longterm_mem_tokens=0))) > 1e-6
+    model = small_mac(num_longterm_mem_tokens=0)
+    with switched_off(model, gate=True):
+        assert influence_on_later_segment(model) > 1e-6
     # the long-term tokens alone
-    assert influence_on_later_segment(only_longterm_retrieval(small_mac())) > 1e-6
-    # nothing left: exactly no influence (so the patches above do what they say)
-    assert influence_on_later_segment(only_longterm_retrieval(small_mac(num_longterm_mem_tokens=0))) == 0.0
+    model = small_mac()
+    with switched_off(model, per_token=True, gate=True):
+        assert influence_on_later_segment(model) > 1e-6
+    # nothing left: exactly no influence (so the switch does what it says)
+    model = small_mac(num_longterm_mem_tokens=0)
+    with switched_off(model, per_token=True, gate=True):
+        assert influence_on_later_segment(model) == 0.0
 
 
 def test_retrieved_token_is_seen_from_its_own_position_on(float64):
