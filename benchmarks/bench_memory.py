@@ -3,10 +3,15 @@
     python benchmarks/bench_memory.py                 # full run (CUDA if available)
     python benchmarks/bench_memory.py --threads 1     # the CPU reference setting
     python benchmarks/bench_memory.py --quick         # tiny sizes, smoke test
+    python benchmarks/bench_memory.py --only-dispatch # just (1)
 
-Prints (1) the fp32 rate of a 2048^3 matmul, (2) forward / forward+backward time, tokens/s,
-peak memory and an analytic FLOP count for a few configurations, (3) a sequence-length sweep
-of the seed configuration next to one causal softmax attention layer of the same width.
+Prints (1) what one chunk costs the host at a tiny size (dim 32, 8 heads of 4, chunk 16, where
+arithmetic is negligible): aten compute ops dispatched per chunk, forward and backward, and host
+microseconds per chunk, for each memory network; on a GPU the host's time per chunk is the GPU's
+time per chunk unless the GPU is slower; (2) the fp32 rate of a 2048^3 matmul; (3) forward /
+forward+backward time, tokens/s, peak memory and an analytic FLOP count for a few
+configurations, with one causal SDPA attention layer of the same width as a yardstick on CUDA;
+(4) a sequence-length sweep of the seed configuration next to that attention layer.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from titans_pytorch import NeuralMemory
+from titans_pytorch import LinearMemory, MemoryMLP, NeuralMemory
 
 
 def memory_flops(batch, seq_len, dim, heads, dim_head, expansion=4, sets=2):
@@ -59,6 +65,64 @@ def median_time(fn, device, repeats):
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it: `compute` (kernels) and `views` (no data moved)."""
+
+    def __init__(self):
+        super().__init__()
+        self.compute = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view:
+            self.views += 1
+        else:
+            self.compute += 1
+        return func(*args, **(kwargs or {}))
+
+
+def per_chunk_dispatch(make_memory, device, chunks=(4, 12), repeats=7):
+    """(forward ops, backward ops, host microseconds forward+backward) per chunk: the difference
+    between `chunks[1]` and `chunks[0]` chunks, so per-call work cancels out."""
+    mem = make_memory().to(device)
+    counts, times = [], []
+    for n in chunks:
+        x = torch.randn(1, n * mem.chunk_size, mem.dim, device=device, requires_grad=True)
+        mem(x).sum().backward()  # warm-up
+        with DispatchCounter() as forward:
+            out = mem(x).sum()
+        with DispatchCounter() as backward:
+            out.backward()
+        counts.append((forward.compute, backward.compute))
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mem(x).sum().backward()
+            runs.append(time.perf_counter() - start)  # host time: no device synchronisation
+        times.append(statistics.median(runs))
+    span = chunks[1] - chunks[0]
+    return ((counts[1][0] - counts[0][0]) / span, (counts[1][1] - counts[0][1]) / span,
+            (times[1] - times[0]) / span * 1e6)
+
+
+def print_dispatch(device):
+    """Section (1): per-chunk dispatch cost at the tiny size, for each built-in memory network."""
+    tiny = dict(dim=32, heads=8, dim_head=4, chunk_size=16)
+    networks = {
+        "ResidualNormMemory (default)": lambda: NeuralMemory(**tiny),
+        "MemoryMLP, depth 2": lambda: NeuralMemory(**tiny, model=MemoryMLP(4)),
+        "LinearMemory": lambda: NeuralMemory(**tiny, model=LinearMemory(4)),
+        "default, momentum off": lambda: NeuralMemory(**tiny, momentum=False),
+    }
+    rows = []
+    for name, make in networks.items():
+        torch.manual_seed(0)
+        forward, backward, host = per_chunk_dispatch(make, device)
+        rows.append((name, f"{forward:.0f}", f"{backward:.0f}", f"{forward + backward:.0f}", f"{host:,.0f}"))
+    print("per chunk at the tiny size (dim 32, 8 heads of 4, chunk 16, batch 1): aten compute ops dispatched and"
+          " host time, forward+backward")
+    print_table(("memory network", "ops forward", "ops backward", "ops total", "host us"), rows)
 
 
 def print_table(headers, rows):
@@ -116,6 +180,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke-testing")
     parser.add_argument("--skip-sweep", action="store_true", help="skip the sequence-length sweep")
     parser.add_argument("--sweep-lengths", default="1024,2048,4096,8192,16384", help="comma-separated lengths")
+    parser.add_argument("--only-dispatch", action="store_true", help="only the per-chunk dispatch table")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -129,7 +194,12 @@ def main():
         + (" | QUICK (tiny sizes)" if args.quick else "")
     )
 
-    # 1. this machine's fp32 matmul rate
+    # 1. what a chunk costs the host
+    print_dispatch(device)
+    if args.only_dispatch:
+        return
+
+    # 2. this machine's fp32 matmul rate
     n = 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     matmul_rate = 2 * n**3 / median_time(lambda: a @ b, device, args.repeats)
@@ -156,40 +226,47 @@ def main():
         fwd_bwd = median_time(forward_backward, device, args.repeats)
         return fwd, fwd_bwd, peak_memory_mib(device)
 
-    # 2. configurations
+    # 3. configurations (on CUDA: the sizes of issue 12's table), each beside one causal SDPA layer of its width
     seed_kwargs = dict(dim=384, chunk_size=64, pre_rmsnorm=True)
+    paper = dict(dim=512, heads=8, dim_head=64)
     configs = [
         ("seed", seed_kwargs, (2, 1024)),
-        ("paper-16", dict(dim=512, heads=8, dim_head=64, chunk_size=16), (8, 4096) if cuda else (2, 1024)),
-        ("refresh-4", dict(seed_kwargs, refresh_every=4), (2, 1024)),
+        ("8x64, chunk 64", dict(paper, chunk_size=64), (8, 4096) if cuda else (2, 1024)),
+        ("8x64, chunk 16", dict(paper, chunk_size=16), (8, 4096) if cuda else (2, 1024)),
+        ("seed, refresh_every=4", dict(seed_kwargs, refresh_every=4), (2, 1024)),
     ]
+    if cuda:
+        configs.insert(3, ("8x64, chunk 16 (batch 2)", dict(paper, chunk_size=16), (2, 4096)))
     if args.quick:
         configs = [(name, kwargs, (1, 256)) for name, kwargs, _ in configs]
     rows, seed_times = [], None
     for name, kwargs, (batch, seq_len) in configs:
         mem = NeuralMemory(**kwargs).to(device)
         fwd, fwd_bwd, peak = timings(mem, batch, seq_len, mem.dim)
+        attention = CausalAttention(mem.dim, heads=8).to(device)
+        _, attn_fwd_bwd, _ = timings(attention, batch, seq_len, mem.dim)
         flops_fwd, flops_fwd_bwd = memory_flops(batch, seq_len, mem.dim, mem.heads, mem.dim_head)
         rows.append((
-            name, f"{batch}x{seq_len}", f"{fwd:.3f}", f"{fwd_bwd:.3f}", f"{batch * seq_len / fwd_bwd:,.0f}",
-            f"{peak:,.0f}", f"{flops_fwd / 1e9:.1f}", f"{flops_fwd_bwd / 1e9:.1f}",
-            f"{flops_fwd_bwd / fwd_bwd / matmul_rate:.1%}",
+            name, f"{batch}x{seq_len}", f"{fwd * 1e3:,.1f}", f"{fwd_bwd * 1e3:,.1f}", f"{batch * seq_len / fwd_bwd:,.0f}",
+            f"{peak:,.0f}", f"{flops_fwd_bwd / 1e9:.1f}", f"{flops_fwd_bwd / fwd_bwd / matmul_rate:.1%}",
+            f"{attn_fwd_bwd * 1e3:,.1f}",
         ))
         if name == "seed":
             seed_times = (fwd, fwd_bwd)
-        del mem
+        del mem, attention
     print_table(
-        ("config", "batch x len", "fwd s", "fwd+bwd s", "tok/s (f+b)",
-         "peak MiB" if cuda else "peak RSS MiB", "GFLOP fwd", "GFLOP f+b", "f+b / matmul"),
+        ("config", "batch x len", "fwd ms", "fwd+bwd ms", "tok/s (f+b)", "peak MiB" if cuda else "peak RSS MiB",
+         "GFLOP f+b", "f+b / matmul", "attention f+b ms"),
         rows,
     )
     print(
         "peak: torch.cuda.max_memory_allocated per config" if cuda
         else "peak RSS: whole-process peak resident memory so far (monotone, includes earlier rows)"
     )
-    print("GFLOP: analytic estimate (memory_flops); f+b / matmul: achieved fraction of the fp32 matmul rate\n")
+    print("GFLOP: analytic estimate (memory_flops); f+b / matmul: achieved fraction of the fp32 matmul rate;"
+          " attention: one causal SDPA layer with its projections, same width, 8 heads\n")
 
-    # 3. sequence-length sweep: seed memory vs one causal attention layer, batch 1
+    # 4. sequence-length sweep: seed memory vs one causal attention layer, batch 1
     if not args.skip_sweep:
         lengths = (256, 512, 1024) if args.quick else tuple(map(int, args.sweep_lengths.split(",")))
         mem = NeuralMemory(**seed_kwargs).to(device)
@@ -202,7 +279,7 @@ def main():
         print("sweep (batch 1, seed config; attention: one causal SDPA layer, dim 384, 8 heads)")
         print_table(("seq_len", "memory fwd+bwd s", "memory ms/1K tok", "attention fwd+bwd s"), rows)
 
-    # 4. the seed example against its bar (defined for CPU, 1 thread, 2 x 1024)
+    # 5. the seed example against its bar (defined for CPU, 1 thread, 2 x 1024)
     if not cuda and torch.get_num_threads() == 1 and seed_times is not None:
         fwd, fwd_bwd = seed_times
         note = " [quick sizes: not comparable to the bar]" if args.quick else ""

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from titans_pytorch import LinearMemory, MemoryMLP, NeuralMemory, NeuralMemoryState
 from titans_pytorch.memory.naive import memory_reference
@@ -27,7 +28,7 @@ def reference_forward(mem, seq):
     if state.momentum is not None:
         momentum = {n: w.flatten(0, 1) for n, w in state.momentum.items(include_nested=True, leaves_only=True)}
     _, _, retrieved = memory_reference(
-        mem._forward_fn, weights, momentum, flat(keys), flat(values), flat(queries), flat(gates["lr"]),
+        lambda p, x: functional_call(mem.model, p, (x,)), weights, momentum, flat(keys), flat(values), flat(queries), flat(gates["lr"]),
         flat(gates.get("log_momentum")), flat(gates.get("log_retain")), chunk_size=mem.chunk_size,
         refresh_every=mem.refresh_every, max_grad_norm=mem.max_grad_norm,
     )

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+LAYER_NORM_EPS = 1e-5  # ResidualNormMemory's LayerNorm (the closed-form paths use the same)
+
 
 class MemoryMLP(nn.Module):
     """`depth` linear maps `dim -> hidden -> ... -> dim` with GELU between them.
@@ -63,7 +65,7 @@ class ResidualNormMemory(nn.Module):
         # keys it is added to; a plain LN (norm sqrt(dim)) multiplies the inner loss's
         # curvature by dim and makes the test-time optimisation diverge
         dim = out.shape[-1]
-        return x + F.layer_norm(out, (dim,)) * (self.norm_scale * dim**-0.5)
+        return x + F.layer_norm(out, (dim,), eps=LAYER_NORM_EPS) * (self.norm_scale * dim**-0.5)
 
 
 def validate_memory_model(model: nn.Module, dim: int) -> None:

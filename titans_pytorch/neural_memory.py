@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from tensordict import TensorDict
 from torch import nn
-from torch.func import functional_call
 
 from .checks import check_positive_ints
-from .memory.functional import memory_chunks
+from .memory import network_for
+from .memory.chunking import run_chunks, update_terms
+from .memory.layout import FlatLayout
 from .memory.scan import BACKENDS
 from .memory_models import ResidualNormMemory, validate_memory_model
 
@@ -22,28 +23,41 @@ from .memory_models import ResidualNormMemory, validate_memory_model
 class NeuralMemoryState:
     """Everything a `NeuralMemory` carries from one call to the next.
 
-    - `weights`: the current fast weights, a TensorDict with batch size `(batch, heads)`
-      whose entries are the memory model's parameters (`W_t`).
-    - `momentum`: the momentum `S_t`, same layout, or None when momentum is off.
+    - `flat`: the fast weights `W_t` (row 0) and the momentum `S_t` (row 1, when momentum is
+      on), each flattened to one vector: `(batch, heads, rows, P)`;
+    - `layout`: where each of the memory model's parameters lies in those vectors;
+      `weights` and `momentum` give them by name, as TensorDicts of views with batch size
+      `(batch, heads)` (`momentum` is None when momentum is off);
     - `pending`: keys, values and gates `(batch, heads, p, ...)` of the `p < chunk_size`
-      tokens of a chunk that is not complete yet (they are stored once it is), or None.
+      tokens of a chunk that is not complete yet (they are stored once it is), or None;
     - `conv`: the last `kernel - 1` inputs of each causal convolution (`"query"`,
-      `"key_value"`), so that a sequence split across calls is convolved as one.
+      `"key_value"`), so that a sequence split across calls is convolved as one;
     - `position`: how many tokens have been stored (including pending ones).
 
     `detach()` cuts the autograd history (truncated backprop across training steps).
     """
 
-    weights: TensorDict
-    momentum: TensorDict | None
+    flat: torch.Tensor
+    layout: FlatLayout
     pending: TensorDict | None
     conv: dict
     position: int
 
+    def _by_name(self, row):
+        return TensorDict(self.layout.views(self.flat[:, :, row]), batch_size=self.flat.shape[:2])
+
+    @property
+    def weights(self) -> TensorDict:
+        return self._by_name(0)
+
+    @property
+    def momentum(self) -> TensorDict | None:
+        return self._by_name(1) if self.flat.shape[2] == 2 else None
+
     def detach(self) -> "NeuralMemoryState":
         return NeuralMemoryState(
-            weights=self.weights.detach(),
-            momentum=self.momentum.detach() if self.momentum is not None else None,
+            flat=self.flat.detach(),
+            layout=self.layout,
             pending=self.pending.detach() if self.pending is not None else None,
             conv={name: t.detach() for name, t in self.conv.items()},
             position=self.position,
@@ -51,7 +65,7 @@ class NeuralMemoryState:
 
     @property
     def batch_size(self) -> int:
-        return self.weights.batch_size[0]
+        return self.flat.shape[0]
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -142,6 +156,7 @@ class NeuralMemory(nn.Module):
 
         self.model = model if model is not None else ResidualNormMemory(dim_head)
         validate_memory_model(self.model, dim_head)
+        self.network = network_for(self.model)  # closed form for the built-in models, torch.func for others
 
         self.norm = nn.RMSNorm(dim) if pre_rmsnorm else nn.Identity()
         self.to_queries = nn.Linear(dim, dim_inner, bias=False)
@@ -170,24 +185,15 @@ class NeuralMemory(nn.Module):
 
     # ------------------------------------------------------------------ state
 
-    def _forward_fn(self, params, x):
-        return functional_call(self.model, params, (x,))
-
     def init_state(self, batch: int, device=None, dtype=None) -> NeuralMemoryState:
         """The learned initial memory `W_0` for `batch` sequences, zero momentum, nothing pending."""
-        params = dict(self.model.named_parameters())
-        device = device or next(iter(params.values())).device
-        dtype = dtype or torch.promote_types(next(iter(params.values())).dtype, torch.float32)
-        weights = TensorDict(
-            {name: p.to(dtype).expand(batch, self.heads, *p.shape) for name, p in params.items()},
-            batch_size=[batch, self.heads],
-        )
-        momentum = None
+        layout = self.network.layout
+        initial = layout.flatten(dict(self.model.named_parameters()), leading=0)
+        device = device or initial.device
+        dtype = dtype or torch.promote_types(initial.dtype, torch.float32)
+        rows = [initial.to(device=device, dtype=dtype).expand(batch, self.heads, -1)]
         if self.to_momentum is not None:
-            momentum = TensorDict(
-                {name: torch.zeros(batch, self.heads, *p.shape, device=device, dtype=dtype) for name, p in params.items()},
-                batch_size=[batch, self.heads],
-            )
+            rows.append(torch.zeros(batch, self.heads, layout.size, device=device, dtype=dtype))
         conv = {}
         if self.conv_kernel_size:
             width = self.conv_kernel_size - 1
@@ -196,7 +202,7 @@ class NeuralMemory(nn.Module):
                 "query": torch.zeros(batch, width, inner, device=device, dtype=dtype),
                 "key_value": torch.zeros(batch, width, 2 * inner, device=device, dtype=dtype),
             }
-        return NeuralMemoryState(weights, momentum, None, conv, 0)
+        return NeuralMemoryState(torch.stack(rows, dim=2), layout, None, conv, 0)
 
     def _check_input(self, seq, name="seq"):
         if not torch.is_tensor(seq):
@@ -211,14 +217,15 @@ class NeuralMemory(nn.Module):
             return self.init_state(batch, device=device, dtype=dtype)
         if not isinstance(state, NeuralMemoryState):
             raise TypeError(f"state must be a NeuralMemoryState or None, got {type(state).__name__}")
-        expected = {name: (batch, self.heads, *p.shape) for name, p in self.model.named_parameters()}
-        found = {name: tuple(t.shape) for name, t in state.weights.items(include_nested=True, leaves_only=True)}
-        if found != expected:
+        layout = self.network.layout
+        if state.layout != layout or tuple(state.flat.shape[:2]) != (batch, self.heads):
+            expected = {name: (batch, self.heads, *shape) for name, shape in zip(layout.names, layout.shapes)}
+            found = {name: (*state.flat.shape[:2], *shape) for name, shape in zip(state.layout.names, state.layout.shapes)}
             raise ValueError(
                 "state does not belong to this memory (different batch size, heads or memory model): "
                 f"expected weights {expected}, got {found}"
             )
-        if (state.momentum is None) != (self.to_momentum is None):
+        if (state.flat.shape[2] == 2) != (self.to_momentum is not None):
             raise ValueError("state does not belong to this memory: momentum is on in one and off in the other")
         if set(state.conv) != ({"query", "key_value"} if self.conv_kernel_size else set()):
             raise ValueError("state does not belong to this memory: its convolution caches differ")
@@ -270,10 +277,10 @@ class NeuralMemory(nn.Module):
         # the test-time optimisation runs in float32 (or float64 when given), never in half precision
         return torch.promote_types(dtype, torch.float32)
 
-    def _read(self, weights, queries):
-        """queries `(b, h, n, d)` read at `weights` -> `(b, h, n, d)`."""
-        flat = {name: w.flatten(0, 1) for name, w in weights.items(include_nested=True, leaves_only=True)}
-        out = torch.vmap(self._forward_fn)(flat, queries.flatten(0, 1).to(next(iter(flat.values())).dtype))
+    def _read(self, state, queries):
+        """queries `(b, h, n, d)` read at the state's weights -> `(b, h, n, d)`."""
+        weights = state.flat[:, :, 0].flatten(0, 1)
+        out = self.network.read(weights, queries.flatten(0, 1).to(weights.dtype))
         return out.view(*queries.shape[:2], *out.shape[1:])
 
     def _advance(self, state, keys, values, gates, queries=None):
@@ -296,35 +303,23 @@ class NeuralMemory(nn.Module):
             if pending:
                 queries = torch.cat((queries.new_zeros(batch, heads, pending, queries.shape[-1]), queries), dim=2)
 
-        flat = lambda td: None if td is None else {n: t.flatten(0, 1) for n, t in td.items(include_nested=True, leaves_only=True)}  # noqa: E731
+        def chunked(t):  # contiguous: the loop's reshapes stay views
+            if t is None:
+                return None
+            return t[:, :, :whole].reshape(batch * heads, num_chunks, self.chunk_size, *t.shape[3:]).contiguous()
 
-        def chunked(t):
-            return t[:, :, :whole].reshape(batch * heads, num_chunks, self.chunk_size, *t.shape[3:])
-
-        weights, momentum, retrieved = flat(state.weights), flat(state.momentum), None
+        flat, retrieved = state.flat, None
         if num_chunks:
-            weights, momentum, retrieved = memory_chunks(
-                self._forward_fn,
-                weights,
-                momentum,
-                chunked(fields["keys"]),
-                chunked(fields["values"]),
-                chunked(fields["lr"]),
-                chunked(fields["log_momentum"]) if "log_momentum" in fields else None,
-                chunked(fields["log_retain"]) if "log_retain" in fields else None,
-                chunked(queries) if queries is not None else None,
-                refresh_every=self.refresh_every,
-                max_grad_norm=self.max_grad_norm,
-                scan_backend=self.scan_backend,
+            terms = update_terms(chunked(fields["lr"]), chunked(fields.get("log_momentum")), chunked(fields.get("log_retain")))
+            flat, retrieved = run_chunks(
+                self.network, flat.flatten(0, 1), chunked(fields["keys"]), chunked(fields["values"]), terms,
+                chunked(queries), self.refresh_every, self.max_grad_norm, self.scan_backend,
             )
+            flat = flat.view(batch, heads, *flat.shape[1:])
 
-        unflat = lambda d: None if d is None else TensorDict(  # noqa: E731
-            {n: t.view(batch, heads, *t.shape[1:]) for n, t in d.items()}, batch_size=[batch, heads]
-        )
-        new_weights = unflat(weights)
         rest = {name: t[:, :, whole:] for name, t in fields.items()}
         new_pending = TensorDict(rest, batch_size=[batch, heads]) if total > whole else None
-        new_state = NeuralMemoryState(new_weights, unflat(momentum), new_pending, state.conv, state.position + new)
+        new_state = NeuralMemoryState(flat, state.layout, new_pending, state.conv, state.position + new)
 
         if queries is None:
             return new_state, None
@@ -332,7 +327,7 @@ class NeuralMemory(nn.Module):
         if num_chunks:
             outputs.append(retrieved.view(batch, heads, whole, -1))
         if total > whole:
-            outputs.append(self._read(new_weights, queries[:, :, whole:]))
+            outputs.append(self._read(new_state, queries[:, :, whole:]))
         return new_state, torch.cat(outputs, dim=2)[:, :, pending:]
 
     # ------------------------------------------------------------- public API
@@ -362,7 +357,7 @@ class NeuralMemory(nn.Module):
         x = self.norm(seq)
         queries, conv = self._queries(x, state, convolve)
         with torch.autocast(seq.device.type, enabled=False):
-            retrieved = self._read(state.weights, queries.to(self._inner_dtype(queries.dtype)))
+            retrieved = self._read(state, queries.to(self._inner_dtype(queries.dtype)))
         return self._output(retrieved, x), replace(state, conv=conv)
 
     def store(self, seq, state: NeuralMemoryState | None = None) -> NeuralMemoryState:

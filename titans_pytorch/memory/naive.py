@@ -1,6 +1,7 @@
 """Reference: the memory recurrence as a plain loop, one (batch, head) and one token at a time.
 
-Slow and obvious on purpose; `functional.memory_chunks` must agree with it.
+Slow and obvious on purpose; every chunked path (`chunking.run_chunks` with the fused, closed-form
+and `torch.func` networks) must agree with it.
 
     for every token t (chunk size c, gradient point refreshed every `refresh_every` chunks):
         y_t = M(q_t; W at the start of t's chunk)            # retrieve, then store

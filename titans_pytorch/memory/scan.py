@@ -8,8 +8,13 @@ chained. Backends:
   `x_j = exp(L_j) x_0 + sum_{m<=j} exp(L_j - L_m) b_m` with `L = cumsum(log g)`: one small
   triangular matrix times the tokens.
 - `"scalar"`: `accelerated_scan.scalar` (Triton, CUDA, any length).
-- `"warp"`: `accelerated_scan.warp` (CUDA C++, length a power of two in 32..65536).
-- `"auto"`: `warp` where its length rule holds on CUDA, else `scalar` on CUDA, else `torch`.
+- `"warp"`: `accelerated_scan.warp` (CUDA C++, length a power of two in 32..65536). Its kernels
+  are compiled the first time it is used, which takes over a minute: it is never chosen by
+  `"auto"`, only on request.
+- `"auto"`: `scalar` on CUDA, else `torch`.
+
+Both accelerated scans run one program per sequence; each weight entry is a sequence, laid
+out along the launch grid's first axis (up to 2^31 - 1 programs), so weights of any size fit.
 """
 
 from __future__ import annotations
@@ -27,9 +32,7 @@ def resolve_backend(backend: str, device: torch.device, length: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"scan_backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type != "cuda":
-            return "torch"
-        return "warp" if _warp_length_ok(length) else "scalar"
+        return "scalar" if device.type == "cuda" else "torch"
     if backend in ("scalar", "warp") and device.type != "cuda":
         raise ValueError(f"scan_backend={backend!r} needs CUDA tensors, got device {device}")
     if backend == "warp" and not _warp_length_ok(length):
@@ -51,7 +54,7 @@ def linear_scan_torch(log_gates: torch.Tensor, tokens: torch.Tensor, initial: to
 
 def _linear_scan_accelerated(log_gates, tokens, initial, backend):
     if backend == "warp":
-        from accelerated_scan.warp import scan
+        from accelerated_scan.warp import scan  # compiles its CUDA kernels on first use (over a minute)
     else:
         from accelerated_scan.scalar import scan
     batch, length = log_gates.shape
@@ -59,9 +62,10 @@ def _linear_scan_accelerated(log_gates, tokens, initial, backend):
     flat = tokens.flatten(2).clone()
     flat[:, 0] = flat[:, 0] + gates[:, :1] * initial.flatten(1)
     channels = flat.shape[-1]
-    gates = gates[:, None, :].expand(batch, channels, length).contiguous()
-    states = scan(gates, flat.transpose(1, 2).contiguous())
-    return states.transpose(1, 2).reshape_as(tokens)
+    # one sequence per (row, channel), all along the grid's first axis: (batch * channels, 1, length)
+    gates = gates[:, None, :].expand(batch, channels, length).reshape(batch * channels, 1, length)
+    states = scan(gates, flat.transpose(1, 2).reshape(batch * channels, 1, length))
+    return states.view(batch, channels, length).transpose(1, 2).reshape_as(tokens)
 
 
 def linear_scan(log_gates, tokens, initial, backend: str = "auto"):

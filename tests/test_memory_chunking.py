@@ -1,4 +1,6 @@
-"""The chunk-parallel update (`memory/functional.py`) against the plain loop (`memory/naive.py`)."""
+"""The chunked update (`memory/chunking.py`) through every path against the plain loop (`memory/naive.py`):
+the fused loop and the autograd-differentiated closed form of the built-in networks, and the
+`torch.func` path that serves any network."""
 
 import pytest
 import torch
@@ -6,7 +8,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from titans_pytorch import LinearMemory, MemoryMLP, ResidualNormMemory
-from titans_pytorch.memory.functional import chunk_coefficients, clip_factors, memory_chunks
+from titans_pytorch.memory.chunking import chunk_coefficients, clip_factors, run_chunks, sequential_states, update_terms
+from titans_pytorch.memory.closed_form import ClosedFormNetwork
+from titans_pytorch.memory.functional import TorchFuncNetwork
 from titans_pytorch.memory.naive import memory_reference
 
 MODELS = {
@@ -14,6 +18,25 @@ MODELS = {
     "mlp2": lambda d: MemoryMLP(d, depth=2, expansion=2),
     "residual_norm": lambda d: ResidualNormMemory(d, depth=2, expansion=2),
 }
+
+
+class AutogradClosedForm(ClosedFormNetwork):
+    """The closed form, its chunk loop differentiated by autograd instead of the fused backward."""
+
+    def chunk_states(self, state, keys, values, terms):
+        return sequential_states(self, state, keys, values, terms)
+
+
+def networks(model):
+    closed = ClosedFormNetwork.of(model)
+    return {
+        "fused": closed,
+        "closed_form_autograd": AutogradClosedForm(closed.layout, closed.matrix_names, closed.scale_name),
+        "torch_func": TorchFuncNetwork(model),
+    }
+
+
+PATHS = ["fused", "closed_form_autograd", "torch_func"]
 
 
 def random_problem(model, heads, length, momentum, forget, seed=0):
@@ -29,7 +52,8 @@ def random_problem(model, heads, length, momentum, forget, seed=0):
     return weights, mom, keys, values, queries, lr, log_mom, log_ret
 
 
-def run_fast(forward_fn, problem, chunk, refresh_every=1, max_grad_norm=None):
+def run_fast(network, problem, chunk, refresh_every=1, max_grad_norm=None):
+    """The chunked path on a reference problem: returns weights and momentum by name, and the reads."""
     weights, mom, keys, values, queries, lr, log_mom, log_ret = problem
     heads, length = keys.shape[:2]
     n = length // chunk
@@ -37,23 +61,26 @@ def run_fast(forward_fn, problem, chunk, refresh_every=1, max_grad_norm=None):
     def chunked(t):
         return None if t is None else t.reshape(heads, n, chunk, *t.shape[2:])
 
-    w, m, r = memory_chunks(
-        forward_fn, weights, mom, chunked(keys), chunked(values), chunked(lr), chunked(log_mom), chunked(log_ret),
-        chunked(queries), refresh_every=refresh_every, max_grad_norm=max_grad_norm,
-    )
-    return w, m, r.reshape(heads, length, -1)
+    layout = network.layout
+    rows = [layout.flatten(weights, leading=1)] + ([layout.flatten(mom, leading=1)] if mom is not None else [])
+    terms = update_terms(chunked(lr), chunked(log_mom), chunked(log_ret))
+    state, reads = run_chunks(network, torch.stack(rows, dim=1), chunked(keys), chunked(values), terms,
+                              chunked(queries), refresh_every, max_grad_norm)
+    momentum = layout.views(state[:, 1]) if mom is not None else None
+    return layout.views(state[:, 0]), momentum, reads.reshape(heads, length, -1)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("chunk", [1, 4])
 @pytest.mark.parametrize("momentum", [True, False])
 @pytest.mark.parametrize("forget", [True, False])
 @pytest.mark.parametrize("heads", [1, 3])
-def test_chunked_equals_reference_loop(float64, model_name, chunk, momentum, forget, heads):
+def test_chunked_equals_reference_loop(float64, path, model_name, chunk, momentum, forget, heads):
     model = MODELS[model_name](6)
     forward_fn = lambda p, x: functional_call(model, p, (x,))  # noqa: E731
     problem = random_problem(model, heads, 16, momentum, forget)
-    fast = run_fast(forward_fn, problem, chunk)
+    fast = run_fast(networks(model)[path], problem, chunk)
     weights, mom, keys, values, queries, lr, log_mom, log_ret = problem
     ref = memory_reference(forward_fn, weights, mom, keys, values, queries, lr, log_mom, log_ret, chunk_size=chunk)
     torch.testing.assert_close(fast[2], ref[2], atol=1e-9, rtol=0)
@@ -63,13 +90,14 @@ def test_chunked_equals_reference_loop(float64, model_name, chunk, momentum, for
             torch.testing.assert_close(fast[1][name], ref[1][name], atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("path", ["fused", "torch_func"])
 @pytest.mark.parametrize("chunk,refresh_every", [(2, 3), (4, 2), (1, 4)])
 @pytest.mark.parametrize("momentum", [True, False])
-def test_refresh_spans_equal_reference_loop(float64, chunk, refresh_every, momentum):
+def test_refresh_spans_equal_reference_loop(float64, path, chunk, refresh_every, momentum):
     model = MODELS["residual_norm"](6)
     forward_fn = lambda p, x: functional_call(model, p, (x,))  # noqa: E731
     problem = random_problem(model, 2, 24, momentum, True, seed=1)
-    fast = run_fast(forward_fn, problem, chunk, refresh_every)
+    fast = run_fast(networks(model)[path], problem, chunk, refresh_every)
     weights, mom, keys, values, queries, lr, log_mom, log_ret = problem
     ref = memory_reference(
         forward_fn, weights, mom, keys, values, queries, lr, log_mom, log_ret, chunk_size=chunk, refresh_every=refresh_every
@@ -79,18 +107,21 @@ def test_refresh_spans_equal_reference_loop(float64, chunk, refresh_every, momen
         torch.testing.assert_close(fast[0][name], ref[0][name], atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("path", ["fused", "torch_func"])
+@pytest.mark.parametrize("model_name", ["mlp2", "residual_norm"])
 @pytest.mark.parametrize("chunk", [1, 4])
-def test_clipped_gradients_equal_reference_loop(float64, chunk):
-    model = MODELS["mlp2"](6)
+def test_clipped_gradients_equal_reference_loop(float64, path, model_name, chunk):
+    model = MODELS[model_name](6)
     forward_fn = lambda p, x: functional_call(model, p, (x,))  # noqa: E731
     problem = random_problem(model, 2, 16, True, True, seed=2)
-    fast = run_fast(forward_fn, problem, chunk, max_grad_norm=0.05)
+    network = networks(model)[path]
+    fast = run_fast(network, problem, chunk, max_grad_norm=0.05)
     weights, mom, keys, values, queries, lr, log_mom, log_ret = problem
     ref = memory_reference(
         forward_fn, weights, mom, keys, values, queries, lr, log_mom, log_ret, chunk_size=chunk, max_grad_norm=0.05
     )
     torch.testing.assert_close(fast[2], ref[2], atol=1e-10, rtol=0)
-    unclipped = run_fast(forward_fn, problem, chunk)
+    unclipped = run_fast(network, problem, chunk)
     assert not torch.allclose(unclipped[2], fast[2]), "the clip threshold must be active in this test"
 
 
