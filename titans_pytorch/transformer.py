@@ -24,6 +24,7 @@ from x_transformers.autoregressive_wrapper import FILTER_LOGITS_FN
 from .attention import LocalAttention, SwiGLU
 from .checks import check_non_negative_ints, check_positive_ints
 from .neural_memory import NeuralMemory
+from .pretrained import PretrainedMixin
 
 
 @dataclass
@@ -81,11 +82,13 @@ def build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neura
     return memories
 
 
-class TitansTransformer(nn.Module):
+class TitansTransformer(PretrainedMixin, nn.Module):
     """`model(ids)` with `ids (batch, seq)` of token ids -> logits `(batch, seq, num_tokens)`.
 
     `model(ids, return_loss=True)` -> next-token cross-entropy of `ids[:, 1:]` given
     `ids[:, :-1]`. `model(ids, cache=cache, return_cache=True)` -> `(logits, cache)`.
+    `save_pretrained` / `from_pretrained` (`PretrainedMixin`) save and rebuild a subclass
+    from its constructor arguments and weights.
     """
 
     def __init__(self, num_tokens: int, dim: int, mixers, ff_mult: float = 4.0, num_residual_streams: int = 4):
