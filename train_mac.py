@@ -490,8 +490,10 @@ def load_checkpoint(path: Path, flag: str = "--resume") -> dict:
 
 
 def one_line(error: Exception) -> str:
+    """`Type: first sentence` of an error (torch's load errors go on to advice that does not fit)."""
     lines = str(error).splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    first = lines[0] if lines else ""
+    return f"{type(error).__name__}: {first.split('. ')[0].removesuffix('.')}"
 
 
 class Log:
