@@ -7,6 +7,7 @@
     python train_mac.py --model mag --preset tiny        # mac (default), mag, mal or lmm
     python train_mac.py --out runs/mac --resume          # continue a run from its last checkpoint
     python train_mac.py --out runs/mac --resume --eval-test   # ... and report test bits per byte at the end
+    python train_mac.py --out runs/mac --generate "def "  # continue a prompt with the run's model (no training)
     torchrun --nproc_per_node=4 train_mac.py             # DistributedDataParallel (nccl on CUDA, gloo on CPU)
 
 Data: enwik8 (data/enwik8.gz, data/enwik8.zip or data/enwik8, or --data PATH) with the standard
@@ -17,12 +18,17 @@ uniform guess being 8.0, estimated on --valid-batches fixed windows of --seq-len
 
 Output (--out): metrics.jsonl (one JSON record per step), checkpoint.pt (model, optimizer,
 scheduler, step, RNG and data-stream states, config; written atomically, never after a
-non-finite loss), curves.png (when matplotlib is installed: pip install -e ".[examples]").
+non-finite loss), model/ (the final model: config.json and model.safetensors, for
+`from_pretrained`), curves.png (when matplotlib is installed: pip install -e ".[examples]").
+
+Generation (--generate PROMPT): rebuilds the model from the checkpoint in --out (or from an
+exported model directory given as --out) and prints the prompt's continuation byte by byte.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import functools
 import gzip
@@ -42,7 +48,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from titans_pytorch import MemoryAsContextTransformer, MemoryAsGateTransformer, MemoryAsLayerTransformer, MemoryTransformer
+from titans_pytorch import (
+    MemoryAsContextTransformer,
+    MemoryAsGateTransformer,
+    MemoryAsLayerTransformer,
+    MemoryTransformer,
+    TitansTransformer,
+)
+from titans_pytorch.pretrained import CONFIG_NAME, state_dict_mismatch, write_atomically
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_SIZE = 100_000_000
@@ -50,7 +63,8 @@ ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
 DEFAULT_DATA = (Path("data/enwik8.gz"), Path("data/enwik8.zip"), Path("data/enwik8"))
 OFFLINE_NAME = "offline corpus (Python standard library source)"
 EVAL_SEED = 1234  # the same validation / test windows in every run
-CHECKPOINT, METRICS, PLOT = "checkpoint.pt", "metrics.jsonl", "curves.png"
+CHECKPOINT, METRICS, PLOT, EXPORT = "checkpoint.pt", "metrics.jsonl", "curves.png", "model"
+GENERATE_DEFAULTS = dict(sample_len=256, temperature=0.8, min_p=0.1)
 
 # ----------------------------------------------------------------------------- models and presets
 
@@ -135,6 +149,13 @@ positive_float = functools.partial(_number, float, 0.0, False)
 non_negative_float = functools.partial(_number, float, 0.0, True)
 
 
+def probability(text):
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
 def describe_presets() -> str:
     """The presets, for --help."""
     lines = ["presets (MAC sizes; --model mag / mal / lmm use the same dimensions):"]
@@ -184,7 +205,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     p.add_argument("--eval-test", action="store_true", help="report test bits per byte at the end")
     p.add_argument("--debug-nan-at", type=positive_int, help=argparse.SUPPRESS)  # tests: a non-finite loss at this step
+
+    g = p.add_argument_group("generation", "--generate trains nothing: it loads the model in --out and continues PROMPT, "
+                                           "printing each byte as it is drawn. --sample-len (default 256 here), --seed "
+                                           "(default: a random seed), --device, --dtype and --threads apply.")
+    g.add_argument("--generate", metavar="PROMPT", help="continue PROMPT (text, as UTF-8 bytes) with the model of the run in "
+                                                        "--out (its checkpoint.pt) or of an exported model directory")
+    g.add_argument("--temperature", type=non_negative_float, help="sampling temperature, 0: greedy (default: 0.8)")
+    choice = g.add_mutually_exclusive_group()
+    choice.add_argument("--min-p", type=probability, help="keep the bytes at least this fraction as likely as the likeliest "
+                                                          "(the default filter, at 0.1)")
+    choice.add_argument("--top-k", type=positive_int, help="keep the K likeliest bytes")
+    choice.add_argument("--top-p", type=probability, help="keep the likeliest bytes up to this total probability (nucleus)")
     return p
+
+
+GENERATION_ONLY = ("generate", "temperature", "min_p", "top_k", "top_p")
+GENERATION_SHARED = ("out", "sample_len", "seed", "device", "dtype", "threads")
+
+
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Training and --generate take different flags: one given to the wrong one is an error."""
+    given = [key for key, value in vars(args).items() if value != parser.get_default(key)]
+    if args.generate is not None:
+        stray = [key for key in given if key not in GENERATION_ONLY + GENERATION_SHARED]
+        if stray:
+            parser.error(f"--generate loads the model in --out and trains nothing: {flag_names(stray, 'does', 'do')} not apply")
+        if not args.generate:
+            parser.error("--generate: the prompt is empty")
+    else:
+        stray = [key for key in given if key in GENERATION_ONLY]
+        if stray:
+            parser.error(f"{flag_names(stray, 'applies', 'apply')} only with --generate")
+
+
+def flag_names(keys, singular_verb: str, plural_verb: str) -> str:
+    """`--a, --b do` from the namespace keys ["a", "b"]."""
+    return ", ".join(f"--{key.replace('_', '-')}" for key in keys) + " " + (singular_verb if len(keys) == 1 else plural_verb)
 
 
 # settings a resumed run takes from its checkpoint unless given, and those that must then match
@@ -411,28 +468,32 @@ def restore_rng_states(state: dict, stream: ByteStream, device: torch.device):
 def save_atomically(obj, path: Path):
     """torch.save to a temporary file in the same directory, fsync, then rename over `path`:
     a reader (or a crash) sees the old file or the new one, never a partial one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 CHECKPOINT_KEYS = {"step", "tokens", "elapsed", "model", "optimizer", "scheduler", "rng", "config", "arch", "data", "world_size"}
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, flag: str = "--resume") -> dict:
+    """The checkpoint at `path`, on the CPU; SystemExit with one line (starting with `flag`) if
+    it is missing, unreadable or not a train_mac.py checkpoint."""
     if not path.exists():
-        raise SystemExit(f"--resume: no checkpoint at {path}")
+        raise SystemExit(f"{flag}: no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise SystemExit(f"--resume: cannot read {path} ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+        raise SystemExit(f"{flag}: cannot read {path} ({one_line(error)})") from None
     missing = CHECKPOINT_KEYS - set(checkpoint) if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
     if missing:
-        raise SystemExit(f"--resume: {path} is not a train_mac.py checkpoint (it lacks {', '.join(sorted(missing))})")
+        raise SystemExit(f"{flag}: {path} is not a train_mac.py checkpoint (it lacks {', '.join(sorted(missing))})")
     return checkpoint
+
+
+def one_line(error: Exception) -> str:
+    """`Type: first sentence` of an error (torch's load errors go on to advice that does not fit)."""
+    lines = str(error).splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(error).__name__}: {first.split('. ')[0].removesuffix('.')}"
 
 
 class Log:
@@ -760,7 +821,8 @@ class Trainer:
             self.log(sample_text(self.raw_model, self.valid_data, self.config, self.device, self.autocast, self.step))
 
     def _finish(self):
-        """The final sample, test bits per byte (--eval-test), the plot and the summary line."""
+        """The final sample, test bits per byte (--eval-test), the export (OUT/model), the plot
+        and the summary line."""
         config = self.config
         if config.sample_len:
             self._print_sample()
@@ -770,20 +832,97 @@ class Trainer:
             self.metrics.write({"step": self.step, "test_bpb": test_bpb})
         if not self.main_process:
             return
+        self.raw_model.save_pretrained(self.out / EXPORT)  # config.json last: an interrupted export does not load
         metrics_path = self.out / METRICS
         plotted = plot_curves(metrics_path, self.out / PLOT, f"{config.model} {config.preset} on {self.data_name}")
         valid_bpb = self.valid_bpb
         if valid_bpb is None:  # resumed at the end: report the last validation
             valid_bpb = next((r["valid_bpb"] for r in reversed(read_metrics(metrics_path)) if "valid_bpb" in r), math.nan)
-        files = [METRICS, CHECKPOINT] + ([PLOT] if plotted else [])
+        files = [METRICS, CHECKPOINT, f"{EXPORT}/"] + ([PLOT] if plotted else [])
         self.log(f"done: step {self.step}, validation {valid_bpb:.3f} bits per byte"
                  + (f", test {test_bpb:.3f}" if test_bpb is not None else "")
                  + f" | {self.elapsed / 60:.1f} min training | {', '.join(files)} in {self.out}"
                  + ("" if plotted else f" (no {PLOT}: matplotlib is not installed; pip install -e '.[examples]')"))
 
 
+# ----------------------------------------------------------------------------- generation
+
+
+def load_trained_model(out: Path) -> tuple[torch.nn.Module, dict]:
+    """The model of the run in `out`, rebuilt from its checkpoint (the saved model name and
+    architecture), and the run's config; or, for an exported model directory (config.json and
+    no checkpoint), `from_pretrained` and {}. SystemExit with one line if it cannot be loaded."""
+    if (out / CONFIG_NAME).exists() and not (out / CHECKPOINT).exists():
+        try:
+            return TitansTransformer.from_pretrained(out), {}
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--generate: {one_line(error)}") from None
+    path = out / CHECKPOINT
+    checkpoint = load_checkpoint(path, "--generate")
+    try:
+        name = checkpoint["config"]["model"]
+        model = build_model(name, checkpoint["arch"])
+        mismatch = state_dict_mismatch(model.state_dict(), checkpoint["model"])
+        if mismatch:
+            raise ValueError(f"its weights do not fit its {name} model: {mismatch}")
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+        raise SystemExit(f"--generate: cannot rebuild the model of {path} ({one_line(error)})") from None
+    return model.eval(), checkpoint["config"]
+
+
+class TextStream:
+    """Writes bytes to a text stream as soon as they complete a character: UTF-8 decoded
+    incrementally, invalid bytes and control characters (but newline and tab) as U+FFFD,
+    flushed at every write."""
+
+    def __init__(self, file):
+        self.file = file
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, data: bytes, final: bool = False):
+        self.file.write(self.decoder.decode(data, final=final).translate(_CONTROL))
+        self.file.flush()
+
+
+def generate_text(args: argparse.Namespace) -> int:
+    """--generate: print the prompt, then its continuation by the model in --out, byte by byte."""
+    model, run_config = load_trained_model(Path(args.out))
+    device = resolve_device(args.device)
+    threads = args.threads if args.threads is not None else run_config.get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = resolve_dtype(args.dtype or "auto", device)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    else:
+        torch.seed()
+    if args.top_k is not None:
+        filter_fn, filter_kwargs = "top_k", {"k": args.top_k}
+    elif args.top_p is not None:
+        filter_fn, filter_kwargs = "top_p", {"thres": args.top_p}
+    else:
+        filter_fn, filter_kwargs = "min_p", {"min_p": args.min_p or GENERATE_DEFAULTS["min_p"]}
+    temperature = args.temperature if args.temperature is not None else GENERATE_DEFAULTS["temperature"]
+    length = args.sample_len if args.sample_len is not None else GENERATE_DEFAULTS["sample_len"]
+
+    prompt = args.generate.encode("utf-8", "surrogateescape")  # bytes the shell passed, valid UTF-8 or not
+    ids = torch.tensor(list(prompt), device=device)[None]
+    text = TextStream(sys.stdout)
+    text.write(prompt)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        for token in model.to(device).generate(ids, length, temperature, filter_fn, filter_kwargs):
+            text.write(bytes(token[0].tolist()))
+    text.write(b"\n", final=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
+    if args.generate is not None:
+        return generate_text(args)
     try:
         return Trainer(args).fit()
     finally:

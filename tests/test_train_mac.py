@@ -18,6 +18,8 @@ from unittest import mock
 import pytest
 import torch
 
+from titans_pytorch import MemoryAsContextTransformer
+
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_mac.py"
@@ -86,6 +88,13 @@ def test_command_trains_validates_samples_and_checkpoints(tmp_path):
     model = train_mac.build_model("mac", saved["arch"])
     model.load_state_dict(saved["model"])
     assert not list(tmp_path.glob("run/*.tmp"))
+    assert "model/" in lines[-1]
+
+    # the final model, exported beside the checkpoint, is the checkpoint's model
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
+    exported = MemoryAsContextTransformer.from_pretrained(out / "model")
+    ids = torch.randint(0, 256, (2, 40))
+    assert torch.equal(exported(ids), model.eval()(ids))
 
 
 @pytest.mark.parametrize(
@@ -127,6 +136,127 @@ def test_flags_override_the_checkpoint_which_overrides_the_preset():
     saved = vars(tiny)
     resumed = train_mac.resolve_config(parse(["--steps", "80", "--sample-len", "0"]), saved, "cuda")
     assert (resumed.preset, resumed.steps, resumed.batch_size, resumed.sample_len) == ("tiny", 80, 16, 0)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def expected_continuation(out, prompt: bytes, length, seed, **sample_kwargs):
+    """What --generate should print: the prompt, then model.sample's continuation as text."""
+    saved = checkpoint(out)
+    model = train_mac.build_model(saved["config"]["model"], saved["arch"])
+    model.load_state_dict(saved["model"])
+    torch.manual_seed(seed)
+    ids = torch.tensor(list(prompt))[None]
+    continuation = model.sample(ids, ids.shape[1] + length, **sample_kwargs)
+    return train_mac.readable(torch.cat((ids, continuation), dim=1)[0]) + "\n"
+
+
+def test_generate_prints_the_continuation_of_a_trained_run(tmp_path):
+    out = tmp_path / "run"
+    assert train(out) == 0
+    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--generate", "def ", "--sample-len", "32",
+                             "--seed", "3"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_continuation(out, b"def ", 32, 3, temperature=0.8, filter_kwargs={"min_p": 0.1})
+    assert len(result.stdout.encode()) > len("def \n")
+
+
+def test_generate_takes_its_flags_and_reads_an_exported_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--model", "lmm", "--steps", "2") == 0
+    capsys.readouterr()
+    flags = ["--generate", "é\t", "--sample-len", "12", "--seed", "5", "--temperature", "1.5", "--top-k", "4"]
+    assert train_mac.main(["--out", str(out), *flags]) == 0
+    expected = expected_continuation(out, "é\t".encode(), 12, 5, temperature=1.5, filter_fn="top_k", filter_kwargs={"k": 4})
+    assert capsys.readouterr().out == expected
+    assert train_mac.main(["--out", str(out / "model"), *flags]) == 0  # the export gives the same text
+    assert capsys.readouterr().out == expected
+    assert train_mac.main(["--out", str(out), "--generate", "x", "--sample-len", "0"]) == 0
+    assert capsys.readouterr().out == "x\n"
+
+
+def test_streamed_text_shows_bytes_that_are_not_utf8():
+    written = []
+    stream = train_mac.TextStream(types.SimpleNamespace(write=written.append, flush=lambda: None))
+    for byte in "aé€".encode() + b"\xff\x07\n" + "€".encode()[:2]:
+        stream.write(bytes([byte]))
+    stream.write(b"", final=True)
+    assert "".join(written) == "aé€\N{REPLACEMENT CHARACTER}\N{REPLACEMENT CHARACTER}\n\N{REPLACEMENT CHARACTER}"
+    assert written[1:3] == ["", "é"]  # a character is written once complete
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--generate", "x", "--resume"], "--generate loads the model in --out and trains nothing: --resume does not apply"),
+        (["--generate", "x", "--overwrite", "--lr", "0.1"], "--lr, --overwrite do not apply"),
+        (["--generate", ""], "--generate: the prompt is empty"),
+        (["--temperature", "0.5"], "--temperature applies only with --generate"),
+        (["--generate", "x", "--top-k", "3", "--top-p", "0.5"], "not allowed with argument"),
+        (["--generate", "x", "--min-p", "1.5"], "argument --min-p: must be a number in (0, 1]"),
+    ],
+)
+def test_generate_flag_errors(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as error:
+        train_mac.main(["--out", str(tmp_path / "run"), *flags])
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def damage(path, how):
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "random bytes":
+        path.write_bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    elif how == "foreign dict":
+        torch.save({"model": {"weight": torch.zeros(2)}, "step": 3}, path)
+    elif how == "missing":
+        path.unlink()
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("truncated", "--generate: cannot read {path} (RuntimeError: PytorchStreamReader failed"),
+        ("random bytes", "--generate: cannot read {path} (UnpicklingError: "),
+        ("foreign dict", "--generate: {path} is not a train_mac.py checkpoint (it lacks arch, config, "),
+        ("missing", "--generate: no checkpoint at {path}"),
+    ],
+)
+def test_generate_from_a_broken_checkpoint_is_one_line(tmp_path, how, message):
+    out = tmp_path / "run"
+    assert train(out, "--steps", "1") == 0
+    damage(out / "checkpoint.pt", how)
+    with pytest.raises(SystemExit) as error:
+        train_mac.main(["--out", str(out), "--generate", "def "])
+    text = error.value.code  # the interpreter prints it to stderr, and exits with status 1
+    assert isinstance(text, str) and "\n" not in text
+    assert text.startswith(message.format(path=out / "checkpoint.pt"))
+
+
+def test_generate_from_a_corrupted_checkpoint_exits_1_without_traceback(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, "--steps", "1") == 0
+    damage(out / "checkpoint.pt", "truncated")
+    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--generate", "def "],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"--generate: cannot read {out / 'checkpoint.pt'}")
+
+
+def test_generate_names_a_checkpoint_whose_weights_do_not_fit(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, "--steps", "1") == 0
+    saved = checkpoint(out)
+    saved["model"]["token_emb.weight"] = torch.zeros(3, 3)
+    torch.save(saved, out / "checkpoint.pt")
+    with pytest.raises(SystemExit, match=r"--generate: cannot rebuild the model of .*checkpoint.pt \(ValueError: its weights "
+                                         r"do not fit its mac model: shape of token_emb.weight is \(3, 3\) in the file"):
+        train_mac.main(["--out", str(out), "--generate", "def "])
 
 
 # ----------------------------------------------------------------------------- resume

@@ -188,3 +188,33 @@ def test_bad_sampling_arguments_raise():
         model.sample(torch.randint(0, NUM_TOKENS, (1, 2)), 5, filter_fn="nucleus")
     with pytest.raises(ValueError, match="temperature"):
         model.sample(torch.randint(0, NUM_TOKENS, (1, 2)), 5, temperature=-1.0)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_yields_what_sample_returns(use_cache):
+    model = build("mal")
+    prompt = torch.randint(0, NUM_TOKENS, (2, 3))
+    torch.manual_seed(1)
+    sampled = model.sample(prompt, 11, temperature=0.9, use_cache=use_cache)
+    torch.manual_seed(1)
+    tokens = list(model.generate(prompt, 8, temperature=0.9, use_cache=use_cache))
+    assert [tuple(token.shape) for token in tokens] == [(2, 1)] * 8
+    assert torch.equal(torch.cat(tokens, dim=1), sampled)
+    assert model.training  # eval only while generating
+    assert model.sample(prompt, 3).shape == (2, 0)
+
+
+def test_generate_checks_arguments_at_the_call():
+    model = build("lmm")
+    prompt = torch.randint(0, NUM_TOKENS, (1, 2))
+    with pytest.raises(ValueError, match="num_new_tokens"):
+        model.generate(prompt, -1)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, 4, temperature=float("nan"))
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(prompt[:, :0], 4)
+    tokens = model.generate(prompt, 4)
+    next(tokens)
+    assert not model.training
+    tokens.close()  # stopping early puts the model back in training mode
+    assert model.training

@@ -5,7 +5,8 @@ Each maps `(..., dim) -> (..., dim)` token by token. Their parameters are the me
 keeps training those copies while it reads (the outer optimiser trains `W_0` itself).
 
 Any `nn.Module` with the same contract can be used; `validate_memory_model` says why one
-cannot.
+cannot. The built-in networks record their constructor arguments (`RecordsArguments`), so a
+model using one can be saved with `save_pretrained`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .arguments import RecordsArguments
+
 LAYER_NORM_EPS = 1e-5  # ResidualNormMemory's LayerNorm (the closed-form paths use the same)
 
 
-class MemoryMLP(nn.Module):
+class MemoryMLP(RecordsArguments, nn.Module):
     """`depth` linear maps `dim -> hidden -> ... -> dim` with GELU between them.
 
     `depth = 1` is a linear memory `M(x) = x W`. Hidden width is `int(dim * expansion)`.
@@ -51,7 +54,7 @@ class LinearMemory(MemoryMLP):
         super().__init__(dim, depth=1)
 
 
-class ResidualNormMemory(nn.Module):
+class ResidualNormMemory(RecordsArguments, nn.Module):
     """The paper's default memory: `M(x) = x + LN(mlp(x))`, the norm's scale a fast weight too."""
 
     def __init__(self, dim: int, depth: int = 2, expansion: float = 4.0, model: nn.Module | None = None):

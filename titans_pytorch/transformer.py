@@ -24,6 +24,7 @@ from x_transformers.autoregressive_wrapper import FILTER_LOGITS_FN
 from .attention import LocalAttention, SwiGLU
 from .checks import check_non_negative_ints, check_positive_ints
 from .neural_memory import NeuralMemory
+from .pretrained import PretrainedMixin
 
 
 @dataclass
@@ -81,11 +82,14 @@ def build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neura
     return memories
 
 
-class TitansTransformer(nn.Module):
+class TitansTransformer(PretrainedMixin, nn.Module):
     """`model(ids)` with `ids (batch, seq)` of token ids -> logits `(batch, seq, num_tokens)`.
 
     `model(ids, return_loss=True)` -> next-token cross-entropy of `ids[:, 1:]` given
     `ids[:, :-1]`. `model(ids, cache=cache, return_cache=True)` -> `(logits, cache)`.
+    `generate` yields new tokens one by one, `sample` returns them at once;
+    `save_pretrained` / `from_pretrained` (`PretrainedMixin`) save and rebuild a subclass
+    from its constructor arguments and weights.
     """
 
     def __init__(self, num_tokens: int, dim: int, mixers, ff_mult: float = 4.0, num_residual_streams: int = 4):
@@ -148,7 +152,55 @@ class TitansTransformer(nn.Module):
             return logits, TransformerCache(position + ids.shape[1], new_caches)
         return logits
 
+    def generate(
+        self,
+        prompt,
+        num_new_tokens: int,
+        temperature: float = 1.0,
+        filter_fn="min_p",
+        filter_kwargs: dict | None = None,
+        use_cache: bool = True,
+    ):
+        """Continue `prompt (batch, prompt_len)` by `num_new_tokens` tokens, yielding each new
+        token `(batch, 1)` as soon as it is drawn. `filter_fn`: "min_p" (default), "top_k",
+        "top_p", "top_a" (x-transformers' filters, `filter_kwargs` their arguments) or a
+        callable on logits; temperature 0 is greedy. Arguments are checked at the call; the
+        model is in eval mode until the generator finishes or is closed."""
+        self._check_ids(prompt, "prompt")
+        if prompt.shape[1] == 0:
+            raise ValueError("prompt must hold at least one token")
+        check_non_negative_ints(num_new_tokens=num_new_tokens)
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if isinstance(filter_fn, str):
+            if filter_fn not in FILTER_LOGITS_FN:
+                raise ValueError(f"filter_fn must be one of {sorted(FILTER_LOGITS_FN)} or a callable, got {filter_fn!r}")
+            filter_fn = FILTER_LOGITS_FN[filter_fn]
+        return self._generated_tokens(prompt.long(), num_new_tokens, temperature, filter_fn, filter_kwargs or {}, use_cache)
+
     @torch.no_grad()
+    def _generated_tokens(self, prompt, num_new_tokens, temperature, filter_fn, filter_kwargs, use_cache):
+        was_training = self.training
+        self.eval()
+        try:
+            sequence, new, cache = prompt, prompt, None  # new: what the cache has not seen yet
+            for _ in range(num_new_tokens):
+                if use_cache:
+                    logits, cache = self(new, cache=cache, return_cache=True)
+                else:
+                    logits = self(sequence)
+                last = logits[:, -1].float()
+                if temperature == 0:
+                    new = last.argmax(dim=-1, keepdim=True)
+                else:
+                    probs = F.softmax(filter_fn(last, **filter_kwargs) / temperature, dim=-1)
+                    new = torch.multinomial(probs, 1)
+                if not use_cache:
+                    sequence = torch.cat((sequence, new), dim=1)
+                yield new
+        finally:
+            self.train(was_training)
+
     def sample(
         self,
         prompt,
@@ -160,44 +212,15 @@ class TitansTransformer(nn.Module):
         show_progress: bool = False,
     ):
         """Continue `prompt (batch, prompt_len)` until it is `seq_len` long; returns the
-        `seq_len - prompt_len` new tokens. `filter_fn`: "min_p" (default), "top_k", "top_p",
-        "top_a" (x-transformers' filters) or a callable on logits; temperature 0 is greedy."""
+        `seq_len - prompt_len` new tokens `(batch, seq_len - prompt_len)`, drawn by `generate`
+        (same arguments)."""
         self._check_ids(prompt, "prompt")
         prompt_len = prompt.shape[1]
-        if prompt_len == 0:
-            raise ValueError("prompt must hold at least one token")
         if not isinstance(seq_len, int) or seq_len < prompt_len:
             raise ValueError(f"seq_len ({seq_len}) must be an integer >= the prompt length ({prompt_len})")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if isinstance(filter_fn, str):
-            if filter_fn not in FILTER_LOGITS_FN:
-                raise ValueError(f"filter_fn must be one of {sorted(FILTER_LOGITS_FN)} or a callable, got {filter_fn!r}")
-            filter_fn = FILTER_LOGITS_FN[filter_fn]
-        filter_kwargs = filter_kwargs or {}
-
-        was_training = self.training
-        self.eval()
-        out = prompt.long()
-        steps = seq_len - prompt_len
-        if steps:
-            logits, cache = self(out, return_cache=True) if use_cache else (self(out), None)
-        for step in tqdm(range(steps), disable=not show_progress, desc="sampling"):
-            last = logits[:, -1].float()
-            if temperature == 0:
-                token = last.argmax(dim=-1, keepdim=True)
-            else:
-                probs = F.softmax(filter_fn(last, **filter_kwargs) / temperature, dim=-1)
-                token = torch.multinomial(probs, 1)
-            out = torch.cat((out, token), dim=1)
-            if step == steps - 1:
-                break
-            if use_cache:
-                logits, cache = self(token, cache=cache, return_cache=True)
-            else:
-                logits = self(out)
-        self.train(was_training)
-        return out[:, prompt_len:]
+        tokens = self.generate(prompt, seq_len - prompt_len, temperature, filter_fn, filter_kwargs, use_cache)
+        new = list(tqdm(tokens, total=seq_len - prompt_len, disable=not show_progress, desc="sampling"))
+        return torch.cat(new, dim=1) if new else prompt.new_zeros((prompt.shape[0], 0), dtype=torch.long)
 
 
 class SlidingWindowMemoryTransformer(TitansTransformer):
