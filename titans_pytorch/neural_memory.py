@@ -325,7 +325,7 @@ class NeuralMemory(nn.Module):
             return new_state, None
         outputs = []
         if num_chunks:
-            outputs.append(retrieved.view(batch, heads, whole, -1))
+            outputs.append(retrieved.reshape(batch, heads, whole, -1))
         if total > whole:
             outputs.append(self._read(new_state, queries[:, :, whole:]))
         return new_state, torch.cat(outputs, dim=2)[:, :, pending:]

@@ -126,22 +126,22 @@ def _span(coeffs: ChunkCoefficients, span: slice) -> ChunkCoefficients:
 
 
 def sequential_states(network, state, keys, values, terms: UpdateTerms, max_grad_norm=None):
-    """The state before each of `N` chunks `(B, N, k, P)` and after the last `(B, k, P)`, one
-    chunk after another through `network.grad_sums` (autograd differentiates the loop)."""
+    """The weights before each of `N` chunks `(N, B, P)` and the state after the last `(B, k, P)`,
+    one chunk after another through `network.grad_sums` (autograd differentiates the loop)."""
     starts = []
     # unbind once, not a slice per chunk: the backward stacks each input's gradients once
     chunks = zip(keys.unbind(1), values.unbind(1), terms.token_weights.unbind(1), terms.transitions.unbind(1))
     for chunk_keys, chunk_values, token_weights, transition in chunks:
-        starts.append(state)
+        starts.append(state[:, 0])
         sums = network.grad_sums(state[:, 0], chunk_keys[:, None], chunk_values[:, None], token_weights[:, None],
                                  max_grad_norm)
         state = torch.baddbmm(sums[:, 0], transition, state)
-    return torch.stack(starts, dim=1), state
+    return torch.stack(starts), state
 
 
 def span_states(network, state, keys, values, terms: UpdateTerms, refresh_every, max_grad_norm=None,
                 scan_backend="auto"):
-    """As `sequential_states`, with the gradients of `refresh_every` chunks at a time taken at the
+    """As `sequential_states` (weights before each chunk `(N, B, P)`, final state), with the gradients of `refresh_every` chunks at a time taken at the
     span's first weights and the span's chunks chained by scans."""
     starts = []
     for start in range(0, keys.shape[1], refresh_every):
@@ -149,9 +149,9 @@ def span_states(network, state, keys, values, terms: UpdateTerms, refresh_every,
         sums = network.grad_sums(state[:, 0], keys[:, span], values[:, span], terms.token_weights[:, span],
                                  max_grad_norm)
         states = chain_span(state, sums, _span(terms.coefficients, span), scan_backend)
-        starts.append(torch.cat((state[:, None], states[:, :-1]), dim=1))
+        starts.append(torch.cat((state[None, :, 0], states[:, :-1, 0].transpose(0, 1))))
         state = states[:, -1]
-    return torch.cat(starts, dim=1), state
+    return torch.cat(starts), state
 
 
 def run_chunks(network, state, keys, values, terms: UpdateTerms, queries=None, refresh_every=1, max_grad_norm=None,
@@ -172,6 +172,6 @@ def run_chunks(network, state, keys, values, terms: UpdateTerms, queries=None, r
         starts, state = sequential_states(network, state, keys, values, terms, max_grad_norm)
     if queries is None:
         return state, None
-    # every chunk's queries at its start weights, in one batched read
-    reads = network.read(starts[:, :, 0].flatten(0, 1), queries.flatten(0, 1))
-    return state, reads.view(queries.shape)
+    # every chunk's queries at its start weights, in one batched read (chunk-major, as `starts`)
+    reads = network.read(starts.flatten(0, 1), queries.transpose(0, 1).flatten(0, 1))
+    return state, reads.view(queries.shape[1], queries.shape[0], *queries.shape[2:]).transpose(0, 1)

@@ -89,8 +89,9 @@ class ClosedFormNetwork:
         return self.forward(weights, x)[0]
 
     def chunk_states(self, state, keys, values, terms):
-        """The state before each of `N` chunks `(B, N, k, P)` and after the last `(B, k, P)`, by
-        the fused loop (`fused.py`): keys, values `(B, N, c, d)`; `terms` for the `N` chunks."""
+        """The weights before each of `N` chunks `(N, B, P)` and the state after the last
+        `(B, k, P)`, by the fused loop (`fused.py`): keys, values `(B, N, c, d)`; `terms` for the
+        `N` chunks."""
         dim = keys.shape[-1]
         if self.scale_name is None:  # residual M(k) - v = mlp(k) - v
             offsets, factor = -values, 2.0

@@ -20,14 +20,15 @@ and transition `T (B, k, k)`:
     sums_m = (w * a_m)^T delta_m;  sums_s = w^T (e * LN(z))        # one row per state row
     state_{j+1} = T state_j + sums
 
-Returns the state before every chunk `(B, N, k, P)` (the reads are taken there, outside) and the
-final state. `naive.py` is the reference, and the tests check these gradients against autograd
-through `closed_form.py`.
+Returns the weights `W` before every chunk, `(N, B, P)` (the reads are taken there, outside, in one
+batched pass), and the final state. `naive.py` is the reference, and the tests check these
+gradients against autograd through `closed_form.py`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +36,6 @@ import torch.nn.functional as F
 from ..memory_models import LAYER_NORM_EPS
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2 * math.pi)
-
-
-def _gelu_backward(grad, z):
-    return torch.ops.aten.gelu_backward(grad, z)
 
 
 def _layer_norm_backward(grad, z, mean, rstd):
@@ -52,12 +49,6 @@ def _row_dot(x, y):
     return torch.bmm(x.reshape(batch * rows, 1, dim), y.reshape(batch * rows, dim, 1)).view(batch, rows, 1)
 
 
-def _gelu_curvature(z):
-    """`gelu''(z) * sqrt(2 pi) = exp(-z^2 / 2) (2 - z^2)` (the constant is applied by the caller)."""
-    square = z * z
-    return torch.exp(square * -0.5) * (2 - square)
-
-
 def _by_rows(weighted, lam, transpose=False):
     """`sum_r weighted[:, :, r] @ lam[:, r]` (or `lam[:, r]^T`): weighted `(B, c, k, a)`, lam `(B, k, a', b')`."""
     out = None
@@ -67,77 +58,97 @@ def _by_rows(weighted, lam, transpose=False):
     return out
 
 
+@dataclass
+class _Chunk:
+    """What the forward pass of one chunk keeps for the backward."""
+
+    state: torch.Tensor  # the state the chunk starts from (B, k, P)
+    acts: list  # each matrix's input (a_0 = the keys)
+    pre: list  # each GELU's input z_m
+    slopes: list  # gelu'(z_m)
+    backs: list  # delta_{m+1} W_{m+1}^T
+    deltas: list  # the residual's gradient at each z_m
+    weighted: list  # w * a_m, (B, c, k, d_in)
+    norm: tuple | None  # (z, normed, mean, rstd, residual, scaled)
+
+
 class FusedChunkLoop(torch.autograd.Function):
-    """`starts, final = FusedChunkLoop.apply(network, state, keys, offsets, token_weights, transitions)`.
+    """`start_weights, final = FusedChunkLoop.apply(network, state, keys, offsets, token_weights, transitions)`.
 
     state `(B, k, P)`; keys, offsets `(B, N, c, d)`; token_weights `(B, N, c, k)` (scaled as in the
-    module docstring); transitions `(B, N, k, k)`. Returns the state before each chunk
-    `(B, N, k, P)` and after the last `(B, k, P)`.
+    module docstring); transitions `(B, N, k, k)`. Returns the weights each chunk starts from
+    `(N, B, P)` and the state after the last chunk `(B, k, P)`.
     """
 
     @staticmethod
     def forward(ctx, network, state, keys, offsets, token_weights, transitions):
+        ctx.set_materialize_grads(False)
         layout, norm = network.layout, network.scale_name is not None
+        inv_sqrt = keys.shape[-1] ** -0.5
         weighted_keys = keys[..., None, :] * token_weights[..., None]  # (B, N, c, k, d)
-        starts, saved = [], []
-        for j in range(keys.shape[1]):
-            starts.append(state)
+        inputs = zip(keys.unbind(1), offsets.unbind(1), token_weights.unbind(1), transitions.unbind(1),
+                     weighted_keys.unbind(1))
+        chunks, ones = [], None
+        for chunk_keys, chunk_offsets, tw, transition, chunk_weighted_keys in inputs:
             params = layout.views(state[:, 0])
             matrices = [params[name] for name in network.matrix_names]
-            tw = token_weights[:, j]
-            acts, pre, z = [keys[:, j]], [], None
+            acts, pre, slopes, z = [chunk_keys], [], [], None
             for m, matrix in enumerate(matrices):
                 if m:
+                    ones = torch.ones_like(z) if ones is None else ones
                     pre.append(z)
+                    slopes.append(torch.ops.aten.gelu_backward(ones, z))
                     acts.append(F.gelu(z))
                 z = torch.bmm(acts[-1], matrix)
             if norm:
                 scale = params[network.scale_name][:, None]
                 normed, mean, rstd = torch.native_layer_norm(z, (z.shape[-1],), None, None, LAYER_NORM_EPS)
-                residual = torch.addcmul(offsets[:, j], normed, scale, value=z.shape[-1] ** -0.5)
+                residual = torch.addcmul(chunk_offsets, normed, scale, value=inv_sqrt)
                 scaled = residual * scale
                 deltas = [_layer_norm_backward(scaled, z, mean, rstd)]
                 norm_saved = (z, normed, mean, rstd, residual, scaled)
             else:
-                residual = z + offsets[:, j]
+                residual = z + chunk_offsets
                 deltas, norm_saved = [residual], None
             backs = []
             for m in range(len(matrices) - 1, 0, -1):
                 backs.insert(0, torch.bmm(deltas[0], matrices[m].transpose(1, 2)))
-                deltas.insert(0, _gelu_backward(backs[0], pre[m - 1]))
-            weighted = [weighted_keys[:, j]] + [a[:, :, None, :] * tw[..., None] for a in acts[1:]]
+                deltas.insert(0, backs[0] * slopes[m - 1])
+            weighted = [chunk_weighted_keys] + [a[:, :, None, :] * tw[..., None] for a in acts[1:]]
             sums = {name: torch.bmm(w.flatten(2).transpose(1, 2), g).view(g.shape[0], tw.shape[-1], -1)
                     for name, w, g in zip(network.matrix_names, weighted, deltas)}
             if norm:
                 sums[network.scale_name] = torch.bmm(tw.transpose(1, 2), residual * normed)
-            state = torch.baddbmm(torch.cat([sums[name] for name in layout.names], dim=-1), transitions[:, j], state)
-            saved.append((acts, pre, backs, deltas, weighted, norm_saved))
-        starts = torch.stack(starts, dim=1)
-        ctx.network, ctx.saved = network, saved
-        ctx.save_for_backward(starts, keys, token_weights, transitions)
-        return starts, state
+            chunks.append(_Chunk(state, acts, pre, slopes, backs, deltas, weighted, norm_saved))
+            state = torch.baddbmm(torch.cat([sums[name] for name in layout.names], dim=-1), transition, state)
+        ctx.network, ctx.chunks = network, chunks
+        ctx.save_for_backward(keys, token_weights, transitions)
+        return torch.stack([chunk.state[:, 0] for chunk in chunks]), state
 
     @staticmethod
-    def backward(ctx, grad_starts, grad_final):
-        network, saved = ctx.network, ctx.saved
-        starts, keys, token_weights, transitions = ctx.saved_tensors
+    def backward(ctx, grad_start_weights, grad_final):
+        network, chunks = ctx.network, ctx.chunks
+        keys, token_weights, transitions = ctx.saved_tensors
         layout, names = network.layout, network.matrix_names
         norm = network.scale_name is not None
-        num_chunks = keys.shape[1]
-        lam = grad_final  # adjoint of the state after chunk j
+        num_chunks, last = keys.shape[1], len(names) - 1
+        dim = keys.shape[-1]
+        inv_sqrt = dim**-0.5
+        lam = grad_final if grad_final is not None else torch.zeros_like(chunks[-1].state)
         lams, grad_residuals, grad_z0 = [None] * num_chunks, [None] * num_chunks, [None] * num_chunks
+        two, zero = keys.new_tensor(2.0), keys.new_tensor(0.0)
         for j in range(num_chunks - 1, -1, -1):
-            acts, pre, backs, deltas, weighted, norm_saved = saved[j]
-            lams[j] = lam
-            params = layout.views(starts[:, j, 0])
+            chunk = chunks[j]
+            acts, pre, slopes, backs, deltas = chunk.acts, chunk.pre, chunk.slopes, chunk.backs, chunk.deltas
+            lams[j] = lam  # the adjoint of the state after chunk j
+            params = layout.views(chunk.state[:, 0])
             matrices = [params[name] for name in names]
             lam_params = layout.views(lam)
             lam_matrices = [lam_params[name] for name in names]
             tw = token_weights[:, j]
-            last = len(matrices) - 1
 
             # gradients of the sums with respect to each delta, and to each hidden activation
-            grad_deltas = [_by_rows(w, lm) for w, lm in zip(weighted, lam_matrices)]
+            grad_deltas = [_by_rows(w, lm) for w, lm in zip(chunk.weighted, lam_matrices)]
             grad_acts = [None] + [
                 _by_rows(deltas[m][:, :, None, :] * tw[..., None], lam_matrices[m], transpose=True)
                 for m in range(1, len(matrices))
@@ -145,20 +156,18 @@ class FusedChunkLoop(torch.autograd.Function):
             # through delta_m = gelu'(z_m) * (delta_{m+1} W_{m+1}^T), bottom up
             grad_matrices, grad_z = [None] * len(matrices), [None] * len(matrices)
             for m in range(last):
-                back_grad = _gelu_backward(grad_deltas[m], pre[m])
+                back_grad = grad_deltas[m] * slopes[m]
                 grad_deltas[m + 1] = torch.baddbmm(grad_deltas[m + 1], back_grad, matrices[m + 1])
                 grad_matrices[m + 1] = torch.bmm(back_grad.transpose(1, 2), deltas[m + 1])
             top = grad_deltas[last]
             if norm:
-                z, normed, mean, rstd, residual, scaled = norm_saved
+                z, normed, mean, rstd, residual, scaled = chunk.norm
                 scale = params[network.scale_name][:, None]
-                inv_sqrt = z.shape[-1] ** -0.5
                 grad_products = torch.bmm(tw, lam_params[network.scale_name])  # d/d(residual * normed)
                 grad_scaled = _layer_norm_backward(top, z, mean, rstd)
                 grad_residual = torch.addcmul(grad_scaled * scale, grad_products, normed)
                 grad_scale = torch.addcmul(grad_scaled * residual, grad_residual, normed, value=inv_sqrt).sum(1)
                 # the normed output's gradient: the forward path, the sums, and LN' depending on z
-                dim = z.shape[-1]
                 second = torch.addcmul(top * _row_dot(scaled, normed), scaled, _row_dot(top, normed))
                 grad_normed = torch.addcmul(torch.addcmul(grad_products * residual, grad_residual, scale, value=inv_sqrt),
                                             second, rstd, value=-1 / dim)
@@ -167,11 +176,13 @@ class FusedChunkLoop(torch.autograd.Function):
             else:
                 grad_residual = grad_z[last] = top
             grad_residuals[j] = grad_residual
-            # down the network: z_m = a_m W_m, a_m = gelu(z_{m-1})
+            # down the network: z_m = a_m W_m, a_{m+1} = gelu(z_m)
             for m in range(last, -1, -1):
-                if m < last:  # a_{m+1} = gelu(z_m), and delta_m = gelu'(z_m) * back_m
-                    grad_z[m] = torch.addcmul(_gelu_backward(grad_acts[m + 1], pre[m]), grad_deltas[m] * backs[m],
-                                              _gelu_curvature(pre[m]), value=_INV_SQRT_2PI)
+                if m < last:  # and delta_m = gelu'(z_m) * back_m: gelu''(z) = exp(-z^2 / 2) (2 - z^2) / sqrt(2 pi)
+                    z = pre[m]
+                    curvature = torch.exp(torch.addcmul(zero, z, z, value=-0.5)) * torch.addcmul(two, z, z, value=-1)
+                    grad_z[m] = torch.addcmul(grad_acts[m + 1] * slopes[m], grad_deltas[m] * backs[m], curvature,
+                                              value=_INV_SQRT_2PI)
                 if grad_matrices[m] is None:
                     grad_matrices[m] = torch.bmm(acts[m].transpose(1, 2), grad_z[m])
                 else:
@@ -183,35 +194,36 @@ class FusedChunkLoop(torch.autograd.Function):
             if norm:
                 grads[network.scale_name] = grad_scale
             grad_weights = torch.cat([grads[name].flatten(1) for name in layout.names], dim=-1)
+            if grad_start_weights is not None:
+                grad_weights = grad_weights + grad_start_weights[j]
             lam = torch.bmm(transitions[:, j].transpose(1, 2), lam)
             lam[:, 0].add_(grad_weights)
-            lam = lam + grad_starts[:, j]
 
         # what the recurrence does not need, for all chunks at once (batch and chunk flattened)
-        batch, _, chunk, rows = token_weights.shape
-        lams = torch.stack(lams, dim=1)  # adjoint of the state after each chunk
-        grad_transitions = lams @ starts.transpose(-1, -2)
+        batch, _, chunk_size, rows = token_weights.shape
         flat = lambda t: t.flatten(0, 1)  # noqa: E731
+        lams = torch.stack(lams, dim=1)  # (B, N, k, P)
+        states = torch.stack([chunk.state for chunk in chunks], dim=1)
+        grad_transitions = lams @ states.transpose(-1, -2)
         lam_params = {name: flat(t) for name, t in layout.views(lams).items()}
-        weights = {name: flat(t) for name, t in layout.views(starts[:, :, 0]).items()}
+        first_weights = flat(layout.views(states[:, :, 0])[names[0]])
         tw = flat(token_weights)
 
         def over_chunks(pick):
-            return flat(torch.stack([pick(saved[j]) for j in range(num_chunks)], dim=1))
+            return flat(torch.stack([pick(chunk) for chunk in chunks], dim=1))
 
         grad_tw = 0
         for m, name in enumerate(names):
-            inputs = flat(keys) if m == 0 else over_chunks(lambda chunk: chunk[0][m])
-            deltas = over_chunks(lambda chunk: chunk[3][m])
+            inputs = flat(keys) if m == 0 else over_chunks(lambda chunk: chunk.acts[m])
+            deltas = over_chunks(lambda chunk: chunk.deltas[m])
             per_row = [_row_dot(torch.bmm(inputs, lam_params[name][:, row]), deltas) for row in range(rows)]
             grad_tw = grad_tw + torch.cat(per_row, dim=-1)
             if m == 0:
-                deltas0 = deltas
+                first_deltas = deltas
         if norm:
-            products = over_chunks(lambda chunk: chunk[5][4] * chunk[5][1])  # residual * normed
+            products = over_chunks(lambda chunk: chunk.norm[4] * chunk.norm[1])  # residual * normed
             grad_tw = grad_tw + torch.bmm(products, lam_params[network.scale_name].transpose(1, 2))
-        first = names[0]
-        grad_keys = _by_rows(deltas0[:, :, None, :] * tw[..., None], lam_params[first], transpose=True)
-        grad_keys = torch.baddbmm(grad_keys, flat(torch.stack(grad_z0, dim=1)), weights[first].transpose(1, 2))
+        grad_keys = _by_rows(first_deltas[:, :, None, :] * tw[..., None], lam_params[names[0]], transpose=True)
+        grad_keys = torch.baddbmm(grad_keys, flat(torch.stack(grad_z0, dim=1)), first_weights.transpose(1, 2))
         return (None, lam, grad_keys.view(keys.shape), torch.stack(grad_residuals, dim=1),
-                grad_tw.view(batch, -1, chunk, rows), grad_transitions)
+                grad_tw.view(batch, -1, chunk_size, rows), grad_transitions)
