@@ -43,25 +43,32 @@ def switched_off(model, per_token=False, longterm=False, gate=False):
             continue
         saved.append(memory)
 
-        def retrieve_off(seq, state=None, convolve=True, original=memory.retrieve, queries=mixer.longterm_queries):
-            out, state = original(seq, state, convolve)
-            longterm_call = queries is not None and seq.shape[1] == queries.shape[0] and torch.equal(
-                seq[0], queries.to(seq.dtype))
-            if (longterm_call and longterm) or (not longterm_call and per_token):
-                out = torch.zeros_like(out)
-            return out, state
+        def read_off(state, x, queries, original=memory.read, longterm_tokens=mixer.longterm_queries, memory=memory):
+            out = original(state, x, queries)
+            # MAC reads the long-term tokens (when a segment starts) and the piece's tokens in one call,
+            # long-term tokens first
+            count = 0
+            if longterm_tokens is not None and x.shape[1] >= longterm_tokens.shape[0]:
+                normed = memory.norm(longterm_tokens.to(x.dtype))
+                count = longterm_tokens.shape[0] if torch.equal(x[0, : longterm_tokens.shape[0]], normed) else 0
+            out = out.clone()
+            if longterm:
+                out[:, :count] = 0
+            if per_token:
+                out[:, count:] = 0
+            return out
 
         def forward_off(seq, state=None, return_state=False, original=memory.forward):
             out, state = original(seq, state=state, return_state=True)
             out = torch.zeros_like(out) if gate else out
             return (out, state) if return_state else out
 
-        memory.retrieve, memory.forward = retrieve_off, forward_off
+        memory.read, memory.forward = read_off, forward_off
     try:
         yield model
     finally:
         for memory in saved:  # drop the instance attributes: the class's methods again
-            del memory.retrieve, memory.forward
+            del memory.read, memory.forward
 
 
 @contextlib.contextmanager

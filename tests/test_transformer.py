@@ -218,3 +218,42 @@ def test_generate_checks_arguments_at_the_call():
     assert not model.training
     tokens.close()  # stopping early puts the model back in training mode
     assert model.training
+
+
+COMPILE_SMALL = dict(num_tokens=16, dim=8, depth=1, num_residual_streams=1, neural_memory_kwargs=dict(chunk_size=2, heads=1, dim_head=8))
+COMPILE_ATTENTION = dict(segment_len=4, num_persist_mem_tokens=1, heads=1, dim_head=8)
+COMPILE_BUILDERS = {
+    "mac": lambda: MemoryAsContextTransformer(**COMPILE_SMALL, **COMPILE_ATTENTION, num_longterm_mem_tokens=1),
+    "mag": lambda: MemoryAsGateTransformer(**COMPILE_SMALL, **COMPILE_ATTENTION),
+    "mal": lambda: MemoryAsLayerTransformer(**COMPILE_SMALL, **COMPILE_ATTENTION),
+    "lmm": lambda: MemoryTransformer(**COMPILE_SMALL),
+}
+
+
+def compiled_matches_eager(name, backend):
+    torch.manual_seed(0)
+    model = COMPILE_BUILDERS[name]()
+    ids = torch.randint(0, 16, (1, 7))  # two segments, the second partial; a partial memory chunk
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for run in (model, torch.compile(model, backend=backend)):
+        logits = run(ids)
+        results.append((logits, torch.autograd.grad(logits.square().sum(), params)))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(compiled_grad, eager_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", COMPILE_BUILDERS)
+def test_torch_compile_matches_eager(name):
+    # dynamo traces the model (the fused memory loop included) and AOTAutograd builds its backward;
+    # "aot_eager" runs those graphs without generating kernels (inductor's code generation: the slow test)
+    torch._dynamo.reset()
+    compiled_matches_eager(name, "aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_with_inductor_matches_eager():
+    torch._dynamo.reset()
+    compiled_matches_eager("mac", "inductor")

@@ -70,19 +70,35 @@ class MemoryAsContextMixer(nn.Module):
         batch, length = x.shape[:2]
         attn_cache, memory_state, prefix, segment_memory = cache.attention, cache.memory, cache.prefix, cache.segment_memory
         q, k, v, normed = self.attention.project(x, position)
+        if self.memory is not None:
+            # the memory's read queries of every token and of the long-term query tokens, projected once
+            read_x, read_queries = self.memory.read_queries(x)
+            if self.longterm_queries is not None:
+                longterm_x, longterm_queries = self.memory.read_queries(self.longterm_queries.to(x.dtype).expand(batch, -1, -1))
         outputs = []
         for start, end in segment_pieces(position, length, self.segment_len):
             piece_position, piece = position + start, slice(start, end)
-            if prefix is None or piece_position % self.segment_len == 0:  # a new segment: M_{s-1}
-                segment_memory, longterm = memory_state, None
-                if self.longterm_queries is not None:
-                    queries = self.longterm_queries.to(x.dtype).expand(batch, -1, -1)
-                    longterm, _ = self.memory.retrieve(queries, segment_memory, convolve=False)
-                prefix = self.attention.prefix_keys_values(longterm, piece_position, batch)
+            new_segment = prefix is None or piece_position % self.segment_len == 0
             keys, values = k[:, :, piece], v[:, :, piece]
-            if self.memory is not None:
-                # h_t = M_{s-1}(q_t), seen by the tokens at and after t: its key sits beside x_t's
-                retrieved, _ = self.memory.retrieve(x[:, piece], segment_memory, convolve=False)
+            if self.memory is None:
+                if new_segment:
+                    prefix = self.attention.prefix_keys_values(None, piece_position, batch)
+            else:
+                if new_segment:
+                    segment_memory = memory_state  # M_{s-1}
+                # one read at M_{s-1}: h_t = M_{s-1}(q_t) for the piece's tokens and, at a segment's
+                # start, the long-term tokens
+                reads_x, reads_queries = read_x[:, piece], read_queries[:, :, piece]
+                longterm = new_segment and self.longterm_queries is not None
+                if longterm:
+                    reads_x = torch.cat((longterm_x, reads_x), dim=1)
+                    reads_queries = torch.cat((longterm_queries, reads_queries), dim=2)
+                read = self.memory.read(segment_memory, reads_x, reads_queries)
+                retrieved = read[:, read.shape[1] - (end - start) :]
+                if new_segment:
+                    prefix = self.attention.prefix_keys_values(read[:, : read.shape[1] - (end - start)] if longterm else None,
+                                                               piece_position, batch)
+                # each h_t is seen by the tokens at and after t: its key sits beside x_t's
                 positions = torch.arange(piece_position, position + end, device=x.device)
                 retrieved_keys, retrieved_values = self.attention.keys_values(retrieved, positions)
                 keys = torch.stack((retrieved_keys, keys), dim=3).flatten(2, 3)
@@ -93,8 +109,8 @@ class MemoryAsContextMixer(nn.Module):
                 # the attention layer's output in the residual stream, x_t + Attn_t, is what the
                 # memory stores and reads (the paper's y_t; see the class docstring)
                 attended = x[:, piece] + y
-                read, memory_state = self.memory(attended, state=memory_state, return_state=True)
-                y = y * torch.sigmoid(read)
+                gate, memory_state = self.memory(attended, state=memory_state, return_state=True)
+                y = y * torch.sigmoid(gate)
             outputs.append(y)
         return torch.cat(outputs, dim=1), MixerCache(attn_cache, memory_state, prefix, segment_memory)
 

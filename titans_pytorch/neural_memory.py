@@ -233,11 +233,11 @@ class NeuralMemory(nn.Module):
 
     # ------------------------------------------------------------ projections
 
-    def _queries(self, x, state, convolve=True):
+    def _queries(self, x, state=None, convolve=True):
         queries = self.to_queries(x)
         if self.qkv_activation:
             queries = F.silu(queries)
-        conv = dict(state.conv)
+        conv = dict(state.conv) if state is not None else {}
         if self.conv_kernel_size and convolve:
             queries, conv["query"] = self.query_conv(queries, state.conv["query"])
         queries = rearrange(queries, "b n (h d) -> b h n d", h=self.heads)
@@ -359,6 +359,20 @@ class NeuralMemory(nn.Module):
         with torch.autocast(seq.device.type, enabled=False):
             retrieved = self._read(state, queries.to(self._inner_dtype(queries.dtype)))
         return self._output(retrieved, x), replace(state, conv=conv)
+
+    def read_queries(self, seq):
+        """The read queries of `seq (batch, n, dim)`, token by token (no convolution), for `read`:
+        returns `(normed seq, queries (batch, heads, n, dim_head))`. `read_queries` then `read` is
+        `retrieve(seq, state, convolve=False)` without its checks, for a caller (memory as context)
+        that validated its input, projects a whole sequence once and reads it at several states."""
+        x = self.norm(seq)
+        return x, self._queries(x, convolve=False)[0]
+
+    def read(self, state: NeuralMemoryState, x, queries):
+        """`read_queries`'s output read at `state`'s weights -> `(batch, n, dim)`."""
+        with torch.autocast(x.device.type, enabled=False):
+            retrieved = self._read(state, queries.to(self._inner_dtype(queries.dtype)))
+        return self._output(retrieved, x)
 
     def store(self, seq, state: NeuralMemoryState | None = None) -> NeuralMemoryState:
         """Write seq `(batch, n, dim)` into the memory; returns the new state."""
