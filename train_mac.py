@@ -73,6 +73,7 @@ MODEL_CLASSES = {
     "mag": MemoryAsGateTransformer,
     "mal": MemoryAsLayerTransformer,
     "lmm": MemoryTransformer,
+    "window": MemoryAsContextTransformer,  # the baseline: MAC with no memory layer (segment attention only)
 }
 _ATTENTION_ARGS = (
     "dim", "depth", "segment_len", "num_persist_mem_tokens", "heads", "dim_head", "ff_mult",
@@ -83,6 +84,7 @@ MODEL_ARGS = {  # the constructor arguments each model takes from a preset's arc
     "mag": _ATTENTION_ARGS,
     "mal": _ATTENTION_ARGS,
     "lmm": ("dim", "depth", "ff_mult", "neural_memory_kwargs", "num_residual_streams"),
+    "window": _ATTENTION_ARGS,
 }
 
 
@@ -121,12 +123,15 @@ DEFAULTS = dict(preset="base", model="mac", grad_accum=1, weight_decay=0.1, clip
 
 
 def build_model(name: str, preset) -> torch.nn.Module:
-    """The `name` model ("mac", "mag", "mal", "lmm") with the architecture of `preset` (a preset
-    name or an architecture dict)."""
+    """The `name` model ("mac", "mag", "mal", "lmm", or "window": MAC without memory layers, the
+    baseline) with the architecture of `preset` (a preset name or an architecture dict)."""
     if name not in MODEL_CLASSES:
         raise ValueError(f"model must be one of {sorted(MODEL_CLASSES)}, got {name!r}")
     arch = PRESETS[preset]["arch"] if isinstance(preset, str) else preset
-    return MODEL_CLASSES[name](num_tokens=256, **{key: arch[key] for key in MODEL_ARGS[name]})
+    arguments = {key: arch[key] for key in MODEL_ARGS[name]}
+    if name == "window":
+        arguments["neural_memory_layers"] = ()
+    return MODEL_CLASSES[name](num_tokens=256, **arguments)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -176,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, epilog=describe_presets(), formatter_class=argparse.RawDescriptionHelpFormatter)
     preset = "(default: the preset's)"
     p.add_argument("--preset", choices=sorted(PRESETS), help="model size and training defaults (default: base; tiny for a CPU)")
-    p.add_argument("--model", choices=sorted(MODEL_CLASSES), help="mac, mag, mal or lmm (default: mac)")
+    p.add_argument("--model", choices=sorted(MODEL_CLASSES),
+                   help="mac, mag, mal, lmm, or window: the baseline, MAC without memory layers (default: mac)")
     p.add_argument("--data", help="enwik8 file: raw, .gz or the Hutter .zip (default: data/enwik8.gz, .zip or raw)")
     p.add_argument("--download", action="store_true", help=f"fetch enwik8 from the Hutter prize site if absent ({ENWIK8_URL})")
     p.add_argument("--download-url", default=ENWIK8_URL, help="where --download fetches the zip from (default: the Hutter prize site)")

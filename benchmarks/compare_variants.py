@@ -1,18 +1,25 @@
-"""Compare MAC, MAG, MAL and LMM trained the same way: parameters, training tokens/s and
-validation bits per byte after the same number of steps on the same data.
+"""Compare MAC, MAG, MAL, LMM and the window-only baseline trained the same way: parameters,
+training tokens/s and validation bits per byte after the same number of steps, over seeds.
 
-Each model is trained by `train_mac.py --model NAME` (same preset, steps, seed and data:
-enwik8 when present, else the offline corpus), one after the other, and the table is read
-from each run's metrics.jsonl.
+Each run is `train_mac.py --model NAME --seed S` (same preset, steps and data: enwik8 when
+present, else the offline corpus), one after the other (or `--jobs` at a time, each on
+`--threads` threads); the table is read from each run's metrics.jsonl. `window` is MAC with no
+memory layer: segment attention with persistent tokens only, the baseline a memory must beat.
 
-    python benchmarks/compare_variants.py --steps 300 --threads 1
+    python benchmarks/compare_variants.py --steps 1000 --seeds 0,1,2 --jobs 2
+    python benchmarks/compare_variants.py --models mac,window --steps 300 -- --sample-len 0
+
+Validation is reported as mean and spread (smallest to largest) over the seeds; results.json
+in --out keeps every run's figures.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench_memory import print_table  # the sibling script's table helper
@@ -20,25 +27,39 @@ from bench_memory import print_table  # the sibling script's table helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from train_mac import build_model  # noqa: E402  (the trainer's own model builder)
-MODELS = ("mac", "mag", "mal", "lmm")
+
+MODELS = ("mac", "mag", "mal", "lmm", "window")
 
 
-def run(model, args, out):
+def run(model, seed, args, out):
+    """Train one model with one seed; returns its metrics records."""
+    if (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()  # a fresh run, not an append to an old one
     command = [sys.executable, str(ROOT / "train_mac.py"), "--model", model, "--preset", args.preset,
-               "--steps", str(args.steps), "--seed", str(args.seed), "--out", str(out), "--device", "cpu", "--overwrite"]
+               "--steps", str(args.steps), "--seed", str(seed), "--out", str(out), "--device", "cpu",
+               "--threads", str(args.threads), "--overwrite"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    subprocess.run(command + args.extra, check=True, env=env, cwd=ROOT)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return records
+    log = out.parent / f"{out.name}.log"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:
+        subprocess.run(command + args.extra, check=True, env=env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def summary(records):
+    valid = [r for r in records if "valid_bpb" in r]
+    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    return {"valid_bpb": valid[-1]["valid_bpb"], "tokens_per_s": statistics.median(speeds)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--threads", type=int, default=1, help="threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_mac.py flags")
     args = parser.parse_args()
@@ -47,19 +68,29 @@ def main():
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    runs = [(model, seed) for model in models for seed in seeds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {key: pool.submit(run, *key, args, Path(args.out) / f"{key[0]}-seed{key[1]}") for key in runs}
+        results = {key: summary(future.result()) for key, future in futures.items()}
 
     rows = []
     for model in models:
-        out = Path(args.out) / model
-        if (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()  # a fresh run, not an append to an old one
-        records = run(model, args, out)
-        valid = [r for r in records if "valid_bpb" in r]
+        bpb = [results[model, seed]["valid_bpb"] for seed in seeds]
+        speed = statistics.median(results[model, seed]["tokens_per_s"] for seed in seeds)
         params = sum(p.numel() for p in build_model(model, args.preset).parameters())
-        rows.append([model, f"{params / 1e6:.2f}M", f"{records[-1]['tokens_per_s']:.0f}",
-                     f"{valid[-1]['valid_bpb']:.3f}"])
-    print(f"\ndevice: cpu | dtype: float32 | threads: {args.threads} | preset {args.preset}, {args.steps} steps, seed {args.seed}")
-    print_table(["model", "parameters", "training tokens/s", f"validation bits/byte after {args.steps} steps"], rows)
+        rows.append([model, f"{params / 1e6:.2f}M", f"{speed:.0f}", f"{statistics.mean(bpb):.3f}",
+                     f"{min(bpb):.3f} - {max(bpb):.3f}", " ".join(f"{b:.3f}" for b in bpb)])
+    print(f"\ndevice: cpu | dtype: float32 | {args.jobs} run(s) at a time, {args.threads} thread(s) each | preset "
+          f"{args.preset}, {args.steps} steps, seeds {args.seeds}")
+    print_table(["model", "parameters", "training tokens/s (median)", f"validation bits/byte after {args.steps} steps",
+                 "spread", "per seed"], rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"args": vars(args), "runs": [{"model": m, "seed": s, **results[m, s]} for m, s in runs]}
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    print(f"results: {out / 'results.json'}")
 
 
 if __name__ == "__main__":
