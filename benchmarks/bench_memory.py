@@ -183,6 +183,8 @@ def main():
     parser.add_argument("--skip-sweep", action="store_true", help="skip the sequence-length sweep")
     parser.add_argument("--sweep-lengths", default="1024,2048,4096,8192,16384", help="comma-separated lengths")
     parser.add_argument("--only-dispatch", action="store_true", help="only the per-chunk dispatch table")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="CUDA: also time forward+backward captured by torch.cuda.make_graphed_callables")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -228,6 +230,19 @@ def main():
         fwd_bwd = median_time(forward_backward, device, args.repeats)
         return fwd, fwd_bwd, peak_memory_mib(device)
 
+    def graphed_timing(module, batch, seq_len, dim):
+        """(forward+backward s, capture s) with the module's forward and backward captured as CUDA graphs."""
+        x = torch.randn(batch, seq_len, dim, device=device, requires_grad=True)
+        start = time.perf_counter()
+        graphed = torch.cuda.make_graphed_callables(module, (x,), num_warmup_iters=2)
+        torch.cuda.synchronize(device)
+        capture = time.perf_counter() - start
+
+        def forward_backward():
+            graphed(x).square().mean().backward()
+
+        return median_time(forward_backward, device, args.repeats), capture
+
     # 3. configurations (on CUDA: the sizes of issue 12's table), each beside one causal SDPA layer of its width
     seed_kwargs = dict(dim=384, chunk_size=64, pre_rmsnorm=True)
     paper = dict(dim=512, heads=8, dim_head=64)
@@ -241,7 +256,7 @@ def main():
         configs.insert(3, ("8x64, chunk 16 (batch 2)", dict(paper, chunk_size=16), (2, 4096)))
     if args.quick:
         configs = [(name, kwargs, (1, 256)) for name, kwargs, _ in configs]
-    rows, seed_times = [], None
+    rows, graphed_rows, seed_times = [], [], None
     for name, kwargs, (batch, seq_len) in configs:
         mem = NeuralMemory(**kwargs).to(device)
         fwd, fwd_bwd, peak = timings(mem, batch, seq_len, mem.dim)
@@ -255,6 +270,9 @@ def main():
         ))
         if name == "seed":
             seed_times = (fwd, fwd_bwd)
+        if cuda and args.cuda_graphs:
+            graphed, capture = graphed_timing(mem, batch, seq_len, mem.dim)
+            graphed_rows.append((name, f"{batch}x{seq_len}", f"{fwd_bwd * 1e3:,.1f}", f"{graphed * 1e3:,.1f}", f"{capture:.1f}"))
         del mem, attention
     print_table(
         ("config", "batch x len", "fwd ms", "fwd+bwd ms", "tok/s (f+b)", "peak MiB" if cuda else "peak RSS MiB",
@@ -267,6 +285,9 @@ def main():
     )
     print("GFLOP: analytic estimate (memory_flops); f+b / matmul: achieved fraction of the fp32 matmul rate;"
           " attention: one causal SDPA layer with its projections, same width, 8 heads\n")
+    if graphed_rows:
+        print("captured with torch.cuda.make_graphed_callables (forward and backward as CUDA graphs)")
+        print_table(("config", "batch x len", "eager f+b ms", "graphed f+b ms", "capture s"), graphed_rows)
 
     # 4. sequence-length sweep: seed memory vs one causal attention layer, batch 1
     if not args.skip_sweep:

@@ -67,3 +67,20 @@ def test_module_gradients_equal_torch_func_path(float64, model_name):
         grads.append(torch.autograd.grad(loss, [seq, *mem.parameters()]))
     for fused, generic in zip(*grads):
         torch.testing.assert_close(fused, generic, atol=1e-10, rtol=0)
+
+
+@pytest.mark.cuda
+def test_fused_path_on_cuda_equals_cpu_float64():
+    torch.manual_seed(0)
+    mem = NeuralMemory(32, chunk_size=4, heads=2, dim_head=16)
+    seq = torch.randn(2, 22, 32)
+    results = []
+    for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
+        copy = NeuralMemory(32, chunk_size=4, heads=2, dim_head=16).to(device, dtype)
+        copy.load_state_dict(mem.state_dict())
+        x = seq.to(device, dtype).requires_grad_()
+        out = copy(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *copy.parameters()])
+        results.append([out, *grads])
+    for cpu, cuda in zip(*results):
+        torch.testing.assert_close(cuda.cpu().double(), cpu, atol=2e-3, rtol=2e-3)
