@@ -33,7 +33,7 @@ class _Saved:
     matrices: list  # (B, d_in, d_out) each
     inputs: list  # each matrix's input (B, n, d_in)
     hidden: list  # each GELU's input (B, n, d)
-    norm: tuple | None  # residual-norm branch: (mlp output, normed, mean, rstd, scale)
+    norm: tuple | None  # residual-norm branch: (mlp output, normed, mean, rstd, norm_scale (B, 1, d))
 
 
 def _weighted_sums(rows, deltas, token_weights):
@@ -67,8 +67,12 @@ class ClosedFormNetwork:
         matrices = tuple(f"{prefix}weights.{index}" for index in range(len(mlp.weights)))
         return cls(FlatLayout.of(model), matrices, "norm_scale" if residual_norm else None)
 
-    def forward(self, weights, x):
-        """x `(B, n, d)` read at weights `(B, P)` -> output `(B, n, d)` and what the backward needs."""
+    def forward(self, weights, x, offset=None):
+        """x `(B, n, d)` read at weights `(B, P)` -> output `(B, n, d)` and what the backward needs.
+
+        With `offset`, the network's own input term (the residual's `x`; none for a plain MLP) is
+        replaced by `offset`: the fused loop passes `k - v` or `-v` and gets `M(k) - v` directly.
+        """
         params = self.layout.views(weights)
         matrices = [params[name] for name in self.matrix_names]
         inputs, hidden, h = [], [], x
@@ -79,11 +83,12 @@ class ClosedFormNetwork:
             inputs.append(h)
             h = torch.bmm(h, matrix)
         if self.scale_name is None:
-            return h, _Saved(matrices, inputs, hidden, None)
+            return (h if offset is None else h + offset), _Saved(matrices, inputs, hidden, None)
         dim = x.shape[-1]
         normed, mean, rstd = torch.native_layer_norm(h, (dim,), None, None, LAYER_NORM_EPS)
-        scale = params[self.scale_name][:, None] * dim**-0.5
-        return torch.addcmul(x, normed, scale), _Saved(matrices, inputs, hidden, (h, normed, mean, rstd, scale))
+        scale = params[self.scale_name][:, None]
+        out = torch.addcmul(x if offset is None else offset, normed, scale, value=dim**-0.5)
+        return out, _Saved(matrices, inputs, hidden, (h, normed, mean, rstd, scale))
 
     def read(self, weights, x):
         return self.forward(weights, x)[0]
@@ -114,7 +119,7 @@ class ClosedFormNetwork:
         if saved.norm is not None:
             h, normed, mean, rstd, scale = saved.norm
             deltas[0] = torch.ops.aten.native_layer_norm_backward(
-                out_grad * scale, h, (dim,), mean, rstd, None, None, [True, False, False]
+                out_grad * scale * dim**-0.5, h, (dim,), mean, rstd, None, None, [True, False, False]
             )[0]
         for index in reversed(range(1, len(saved.matrices))):
             back = torch.bmm(deltas[-1], saved.matrices[index].transpose(1, 2))

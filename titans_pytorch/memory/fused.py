@@ -31,9 +31,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-
-from ..memory_models import LAYER_NORM_EPS
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2 * math.pi)
 
@@ -63,13 +60,14 @@ class _Chunk:
     """What the forward pass of one chunk keeps for the backward."""
 
     state: torch.Tensor  # the state the chunk starts from (B, k, P)
+    matrices: list  # its weight matrices W_m, views into `state`
     acts: list  # each matrix's input (a_0 = the keys)
     pre: list  # each GELU's input z_m
     slopes: list  # gelu'(z_m)
     backs: list  # delta_{m+1} W_{m+1}^T
     deltas: list  # the residual's gradient at each z_m
     weighted: list  # w * a_m, (B, c, k, d_in)
-    norm: tuple | None  # (z, normed, mean, rstd, residual, scaled)
+    norm: tuple | None  # (z, normed, mean, rstd, norm_scale, residual, residual * norm_scale)
 
 
 class FusedChunkLoop(torch.autograd.Function):
@@ -84,42 +82,33 @@ class FusedChunkLoop(torch.autograd.Function):
     def forward(ctx, network, state, keys, offsets, token_weights, transitions):
         ctx.set_materialize_grads(False)
         layout, norm = network.layout, network.scale_name is not None
-        inv_sqrt = keys.shape[-1] ** -0.5
         weighted_keys = keys[..., None, :] * token_weights[..., None]  # (B, N, c, k, d)
         inputs = zip(keys.unbind(1), offsets.unbind(1), token_weights.unbind(1), transitions.unbind(1),
                      weighted_keys.unbind(1))
         chunks, ones = [], None
         for chunk_keys, chunk_offsets, tw, transition, chunk_weighted_keys in inputs:
-            params = layout.views(state[:, 0])
-            matrices = [params[name] for name in network.matrix_names]
-            acts, pre, slopes, z = [chunk_keys], [], [], None
-            for m, matrix in enumerate(matrices):
-                if m:
-                    ones = torch.ones_like(z) if ones is None else ones
-                    pre.append(z)
-                    slopes.append(torch.ops.aten.gelu_backward(ones, z))
-                    acts.append(F.gelu(z))
-                z = torch.bmm(acts[-1], matrix)
+            residual, saved = network.forward(state[:, 0], chunk_keys, offset=chunk_offsets)  # M(k) - v
+            if saved.hidden and ones is None:
+                ones = torch.ones_like(saved.hidden[0])
+            slopes = [torch.ops.aten.gelu_backward(ones, z) for z in saved.hidden]
             if norm:
-                scale = params[network.scale_name][:, None]
-                normed, mean, rstd = torch.native_layer_norm(z, (z.shape[-1],), None, None, LAYER_NORM_EPS)
-                residual = torch.addcmul(chunk_offsets, normed, scale, value=inv_sqrt)
+                z, normed, mean, rstd, scale = saved.norm
                 scaled = residual * scale
                 deltas = [_layer_norm_backward(scaled, z, mean, rstd)]
-                norm_saved = (z, normed, mean, rstd, residual, scaled)
+                norm_saved = (*saved.norm, residual, scaled)
             else:
-                residual = z + chunk_offsets
                 deltas, norm_saved = [residual], None
             backs = []
-            for m in range(len(matrices) - 1, 0, -1):
-                backs.insert(0, torch.bmm(deltas[0], matrices[m].transpose(1, 2)))
+            for m in range(len(saved.matrices) - 1, 0, -1):
+                backs.insert(0, torch.bmm(deltas[0], saved.matrices[m].transpose(1, 2)))
                 deltas.insert(0, backs[0] * slopes[m - 1])
-            weighted = [chunk_weighted_keys] + [a[:, :, None, :] * tw[..., None] for a in acts[1:]]
+            weighted = [chunk_weighted_keys] + [a[:, :, None, :] * tw[..., None] for a in saved.inputs[1:]]
             sums = {name: torch.bmm(w.flatten(2).transpose(1, 2), g).view(g.shape[0], tw.shape[-1], -1)
                     for name, w, g in zip(network.matrix_names, weighted, deltas)}
             if norm:
                 sums[network.scale_name] = torch.bmm(tw.transpose(1, 2), residual * normed)
-            chunks.append(_Chunk(state, acts, pre, slopes, backs, deltas, weighted, norm_saved))
+            chunks.append(_Chunk(state, saved.matrices, saved.inputs, saved.hidden, slopes, backs, deltas, weighted,
+                                 norm_saved))
             state = torch.baddbmm(torch.cat([sums[name] for name in layout.names], dim=-1), transition, state)
         ctx.network, ctx.chunks = network, chunks
         ctx.save_for_backward(keys, token_weights, transitions)
@@ -140,9 +129,8 @@ class FusedChunkLoop(torch.autograd.Function):
         for j in range(num_chunks - 1, -1, -1):
             chunk = chunks[j]
             acts, pre, slopes, backs, deltas = chunk.acts, chunk.pre, chunk.slopes, chunk.backs, chunk.deltas
+            matrices = chunk.matrices
             lams[j] = lam  # the adjoint of the state after chunk j
-            params = layout.views(chunk.state[:, 0])
-            matrices = [params[name] for name in names]
             lam_params = layout.views(lam)
             lam_matrices = [lam_params[name] for name in names]
             tw = token_weights[:, j]
@@ -161,8 +149,7 @@ class FusedChunkLoop(torch.autograd.Function):
                 grad_matrices[m + 1] = torch.bmm(back_grad.transpose(1, 2), deltas[m + 1])
             top = grad_deltas[last]
             if norm:
-                z, normed, mean, rstd, residual, scaled = chunk.norm
-                scale = params[network.scale_name][:, None]
+                z, normed, mean, rstd, scale, residual, scaled = chunk.norm
                 grad_products = torch.bmm(tw, lam_params[network.scale_name])  # d/d(residual * normed)
                 grad_scaled = _layer_norm_backward(top, z, mean, rstd)
                 grad_residual = torch.addcmul(grad_scaled * scale, grad_products, normed)
@@ -221,7 +208,7 @@ class FusedChunkLoop(torch.autograd.Function):
             if m == 0:
                 first_deltas = deltas
         if norm:
-            products = over_chunks(lambda chunk: chunk.norm[4] * chunk.norm[1])  # residual * normed
+            products = over_chunks(lambda chunk: chunk.norm[5] * chunk.norm[1])  # residual * normed
             grad_tw = grad_tw + torch.bmm(products, lam_params[network.scale_name].transpose(1, 2))
         grad_keys = _by_rows(first_deltas[:, :, None, :] * tw[..., None], lam_params[names[0]], transpose=True)
         grad_keys = torch.baddbmm(grad_keys, flat(torch.stack(grad_z0, dim=1)), first_weights.transpose(1, 2))
