@@ -1,0 +1,99 @@
+"""This library's MAC against the published titans-pytorch 0.5.5, same run, same machine.
+
+Both are timed on a forward+backward step of their train_mac.py model (dim 384, depth 8, segment 32,
+memory on layers 2, 4 and 6 with 4 heads of 64 and chunk 4; 0.5.5 with its own train_mac.py
+settings, CPU-compatible: no flex attention, no accelerated scan). Each runs in its own process,
+since both packages are called `titans_pytorch`. Install 0.5.5 apart from this checkout first:
+
+    pip install --no-deps --target /tmp/titans055 titans-pytorch==0.5.5 assoc-scan axial-positional-embedding
+    python benchmarks/compare_published.py --peer-path /tmp/titans055 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+IMPORTS = """
+import json, statistics, sys, time
+import torch
+"""
+
+STEP = """
+torch.set_num_threads({threads})
+torch.manual_seed(0)
+model = build()
+ids = torch.randint(0, 256, ({batch}, {seq_len} + 1))
+def step():
+    model.zero_grad(set_to_none=True)
+    model(ids, return_loss=True).backward()
+step()
+times = []
+for _ in range({repeats}):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+import titans_pytorch
+print(json.dumps(dict(seconds=statistics.median(times), params=sum(p.numel() for p in model.parameters()),
+                      package=titans_pytorch.__file__)))
+"""
+
+OURS = """
+sys.path.insert(0, {root!r})
+from train_mac import PRESETS, build_model
+def build():
+    return build_model("mac", PRESETS["base"]["arch"])
+"""
+
+PEER = """
+from titans_pytorch import MemoryAsContextTransformer, MemoryMLP
+def build():  # 0.5.5's train_mac.py model, without its CUDA-only options
+    return MemoryAsContextTransformer(
+        num_tokens=256, dim=384, depth=8, segment_len=32, num_persist_mem_tokens=4, num_longterm_mem_tokens=4,
+        neural_memory_layers=(2, 4, 6), neural_memory_segment_len=4, neural_memory_batch_size=128,
+        neural_mem_gate_attn_output=False, neural_mem_weight_residual=True, neural_memory_qkv_receives_diff_views=True,
+        use_flex_attn=False, sliding_window_attn=True, neural_memory_model=MemoryMLP(dim=64, depth=2),
+        neural_memory_kwargs=dict(dim_head=64, heads=4, attn_pool_chunks=True, qk_rmsnorm=True, momentum=True,
+                                  momentum_order=1, default_step_transform_max_lr=1e-1, use_accelerated_scan=False,
+                                  per_parameter_lr_modulation=True, spectral_norm_surprises=True))
+"""
+
+
+def timed(prelude, args, pythonpath=None):
+    code = IMPORTS + prelude + STEP.format(threads=args.threads, batch=args.batch, seq_len=args.seq_len, repeats=args.repeats)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    cwd = "/" if pythonpath else ROOT  # the peer must not see this checkout's package
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer-path", required=True, help="where titans-pytorch 0.5.5 is installed (a PYTHONPATH)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    peer = timed(PEER, args, pythonpath=args.peer_path)
+    if str(ROOT) in peer["package"]:
+        raise SystemExit(f"--peer-path: the peer run imported this checkout ({peer['package']})")
+    ours = timed(OURS.format(root=str(ROOT)), args)
+    print(f"forward+backward, batch {args.batch} x {args.seq_len}, cpu, float32, {args.threads} thread(s), "
+          f"median of {args.repeats}")
+    print(f"  this library: {ours['seconds']:.2f} s ({ours['params'] / 1e6:.1f}M parameters)")
+    print(f"  titans-pytorch 0.5.5: {peer['seconds']:.2f} s ({peer['params'] / 1e6:.1f}M parameters)")
+    print(f"  ratio: {peer['seconds'] / ours['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
