@@ -140,26 +140,25 @@ def answer_loss(logits, targets, mask):
 # ---------------------------------------------------------------------------- the models
 
 
+MEMORY_OPTIONS = {  # flag -> NeuralMemory argument; a flag left unset leaves the library's default
+    "chunk": "chunk_size", "mem_heads": "heads", "mem_dim_head": "dim_head", "max_lr": "max_lr",
+    "init_lr": "init_lr", "init_momentum": "init_momentum", "init_forget": "init_forget", "momentum": "momentum",
+    "value_norm": "value_l2norm",
+}
+
+
 def memory_kwargs(args):
-    return dict(
-        chunk_size=args.chunk,
-        heads=args.mem_heads,
-        dim_head=args.mem_dim_head,
-        max_lr=args.max_lr,
-        init_lr=args.init_lr,
-        init_momentum=args.init_momentum,
-        init_forget=args.init_forget,
-        momentum=args.momentum,
-    )
+    """The NeuralMemory arguments given on the command line (none by default: the library's defaults)."""
+    return {name: getattr(args, flag) for flag, name in MEMORY_OPTIONS.items() if getattr(args, flag) is not None}
 
 
-def memory_model(args):
-    """The memory network on `mem_dim_head` features (None: the library default)."""
-    if args.memory_model == "residual":
+def memory_model(args, dim):
+    """The memory network on `dim` features per memory head (None: the library's default)."""
+    if args.memory_model == "default":
         return None  # ResidualNormMemory, x + LN(mlp(x))
     if args.memory_model == "linear":
-        return titans_pytorch.LinearMemory(args.mem_dim_head)
-    return titans_pytorch.MemoryMLP(args.mem_dim_head, depth=2, expansion=args.mem_expansion)
+        return titans_pytorch.LinearMemory(dim)
+    return titans_pytorch.MemoryMLP(dim, depth=2, expansion=args.mem_expansion)
 
 
 def build_model(name, args, task):
@@ -168,7 +167,8 @@ def build_model(name, args, task):
     common = dict(num_tokens=task.num_tokens, dim=args.dim, depth=args.depth, ff_mult=args.ff_mult,
                   num_residual_streams=args.streams)
     if name != "window":
-        common["neural_memory_model"] = memory_model(args)
+        heads = args.mem_heads or 1
+        common["neural_memory_model"] = memory_model(args, args.mem_dim_head or args.dim // heads)
     if name == "lmm":
         return cls(**common, neural_memory_kwargs=memory_kwargs(args))
     layers = None if args.memory_layers == "all" else tuple(int(x) for x in args.memory_layers.split(",") if x)
@@ -307,16 +307,19 @@ def parse_args(argv=None):
     p.add_argument("--streams", type=int, default=1, help="residual streams (hyper-connections; 1 = off)")
     p.add_argument("--memory-layers", default="all", help="'all' or 1-indexed layers, e.g. '1' or '1,2'")
     # neural memory
-    p.add_argument("--chunk", type=int, default=8, help="memory chunk size (must divide --window)")
-    p.add_argument("--mem-heads", type=int, default=2)
-    p.add_argument("--mem-dim-head", type=int, default=32)
-    p.add_argument("--max-lr", type=float, default=None, help="memory's max inner lr (default 1/chunk)")
-    p.add_argument("--init-lr", type=float, default=0.5)
-    p.add_argument("--init-momentum", type=float, default=0.9)
-    p.add_argument("--init-forget", type=float, default=0.01)
-    p.add_argument("--momentum", action="store_true", help="turn the memory's momentum on (default off)")
-    p.add_argument("--memory-model", choices=("residual", "linear", "mlp"), default="linear",
-                   help="residual: the library default x + LN(mlp(x)); linear: one matrix; mlp: 2-layer MLP")
+    # neural memory: every flag unset by default, leaving the library's defaults
+    p.add_argument("--chunk", type=int, help="memory chunk size (library default: 16, and for MAC min(16, window))")
+    p.add_argument("--mem-heads", type=int, help="memory heads (library default: 1)")
+    p.add_argument("--mem-dim-head", type=int, help="memory head width (library default: dim / heads)")
+    p.add_argument("--max-lr", type=float, help="the memory's largest inner learning rate")
+    p.add_argument("--init-lr", type=float)
+    p.add_argument("--init-momentum", type=float)
+    p.add_argument("--init-forget", type=float)
+    p.add_argument("--momentum", action=argparse.BooleanOptionalAction, help="the memory's momentum (library: on)")
+    p.add_argument("--value-norm", action=argparse.BooleanOptionalAction,
+                   help="L2-normalised memory values (library: on)")
+    p.add_argument("--memory-model", choices=("default", "linear", "mlp"), default="default",
+                   help="default: the library's x + LN(mlp(x)); linear: one matrix; mlp: 2-layer MLP without norm")
     p.add_argument("--mem-expansion", type=float, default=2.0, help="hidden width factor of --memory-model mlp")
     # training
     p.add_argument("--steps", type=int, default=1500)
@@ -340,8 +343,8 @@ def run(args):
     for w in windows:
         if w * args.window - 3 > task.max_gap(args.pairs):
             raise SystemExit(f"distance {w} windows does not fit in --seq-len {args.seq_len}")
-    if args.window % args.chunk:
-        raise SystemExit(f"--chunk ({args.chunk}) must divide --window ({args.window})")
+    if args.chunk and "mac" in names and args.window % args.chunk:
+        raise SystemExit(f"--chunk ({args.chunk}) must divide --window ({args.window}) for MAC")
     lrs = model_lrs(args)
     settings = {"needle": 1, "mqar": args.pairs}
     labels = {"needle": "needle in a haystack (1 fact)", "mqar": f"multi-query associative recall ({args.pairs} facts)"}
@@ -353,8 +356,8 @@ def run(args):
     print(f"chance (1 / num_values): {task.chance:.4f}")
     overrides = "".join(f", {n} {lr}" for n, lr in lrs.items() if n in names)
     print(f"models: dim {args.dim}, depth {args.depth}, attention window {args.window} ({args.heads} heads of"
-          f" {args.dim_head}, {args.persist} persistent tokens), memory: {args.memory_model}, chunk {args.chunk},"
-          f" {args.mem_heads} heads of {args.mem_dim_head}, momentum {'on' if args.momentum else 'off'}")
+          f" {args.dim_head}, {args.persist} persistent tokens), memory network: {args.memory_model},"
+          f" NeuralMemory arguments: {memory_kwargs(args) or 'the library defaults'}")
     print(f"training: {args.steps} steps x batch {args.batch}, AdamW peak lr {args.lr}{overrides},"
           f" loss on answer tokens only\n")
 

@@ -5,6 +5,7 @@ reading the memory switched off in turn, and by query order.
     python benchmarks/recall_paths.py                 # MAC, recall.py's default setting
     python benchmarks/recall_paths.py --distance 4    # in attention windows
     python benchmarks/recall_paths.py --store-input   # control: the memory stores x, not x + Attn
+    python benchmarks/recall_paths.py --keys-from-stored   # the earlier MAC: keys from x + Attn, not x
 
 MAC reads its memory three ways: per-token retrieval `h_t = M_{s-1}(q_t)` and the long-term
 tokens (both seen by attention), and the gated read `out = Attn * sigmoid(M(y))`. A path is
@@ -41,7 +42,7 @@ def switched_off(model, per_token=False, longterm=False, gate=False):
         memory = mixer.memory
         if memory is None:
             continue
-        saved.append(memory)
+        saved.append((memory, {name: memory.__dict__[name] for name in ("read", "forward") if name in memory.__dict__}))
 
         def read_off(state, x, queries, original=memory.read, longterm_tokens=mixer.longterm_queries, memory=memory):
             out = original(state, x, queries)
@@ -58,8 +59,8 @@ def switched_off(model, per_token=False, longterm=False, gate=False):
                 out[:, count:] = 0
             return out
 
-        def forward_off(seq, state=None, return_state=False, original=memory.forward):
-            out, state = original(seq, state=state, return_state=True)
+        def forward_off(seq, state=None, return_state=False, key_seq=None, original=memory.forward):
+            out, state = original(seq, state=state, return_state=True, key_seq=key_seq)
             out = torch.zeros_like(out) if gate else out
             return (out, state) if return_state else out
 
@@ -67,8 +68,9 @@ def switched_off(model, per_token=False, longterm=False, gate=False):
     try:
         yield model
     finally:
-        for memory in saved:  # drop the instance attributes: the class's methods again
+        for memory, before in saved:  # the methods as they were (a control's, or the class's)
             del memory.read, memory.forward
+            memory.__dict__.update(before)
 
 
 @contextlib.contextmanager
@@ -90,6 +92,28 @@ def storing_layer_input(model):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def keys_from_stored(model):
+    """The earlier MAC: each memory's keys and queries computed from what it stores, `x + Attn`,
+    like its values, instead of from the tokens `x`."""
+    patched = []
+    for layer in model.layers:
+        memory = layer[1].memory
+        if memory is None:
+            continue
+
+        def forward(seq, state=None, return_state=False, key_seq=None, original=memory.forward):
+            return original(seq, state=state, return_state=return_state)
+
+        memory.forward = forward
+        patched.append(memory)
+    try:
+        yield model
+    finally:
+        for memory in patched:
+            del memory.forward
 
 
 @torch.no_grad()
@@ -135,7 +159,10 @@ def report(model, task, args, distance):
 def main(argv=None):
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--distance", type=int, default=4, help="in attention windows")
-    own.add_argument("--store-input", action="store_true", help="the control: memory on the layer input x")
+    controls = own.add_mutually_exclusive_group()
+    controls.add_argument("--store-input", action="store_true", help="the control: memory on the layer input x")
+    controls.add_argument("--keys-from-stored", action="store_true",
+                          help="the earlier MAC: memory keys and queries from x + Attn instead of x")
     mine, rest = own.parse_known_args(argv)
     distance, store_input = mine.distance, mine.store_input
     args = recall.parse_args(["--models", "mac", *rest])  # everything else is recall.py's
@@ -145,9 +172,12 @@ def main(argv=None):
     print(f"device: cpu ({device_name(torch.device('cpu'))}) | dtype: float32 | threads: {torch.get_num_threads()}")
     torch.manual_seed(args.seed)
     model = recall.build_model("mac", args, task)
-    control = storing_layer_input(model) if store_input else contextlib.nullcontext()
+    control, what = contextlib.nullcontext(), "MAC"
+    if store_input:
+        control, what = storing_layer_input(model), "MAC storing its layer input x (control)"
+    elif mine.keys_from_stored:
+        control, what = keys_from_stored(model), "MAC with keys from x + Attn (the earlier MAC)"
     with control:
-        what = "MAC storing its layer input x (control)" if store_input else "MAC"
         print(f"training {what} as benchmarks/recall.py does: {args.steps} steps, lr {lr}")
         recall.train(model, task, args, lr, log_prefix="mac: ")
         report(model, task, args, distance)

@@ -84,14 +84,19 @@ def test_memory_stores_the_stream_after_attention(float64):
         mixer.attention.to_out_proj.register_forward_hook(
             lambda m, args, out, i=index: seen.setdefault(("attn", i), []).append(out)
         )
-        mixer.memory.register_forward_pre_hook(lambda m, args, i=index: seen.setdefault(("stored", i), []).append(args[0]))
+        mixer.memory.register_forward_pre_hook(
+            lambda m, args, kwargs, i=index: seen.setdefault(("stored", i), []).append((args[0], kwargs["key_seq"])),
+            with_kwargs=True,
+        )
     model(torch.randint(0, 32, (2, 10)))  # 3 segment pieces of 4, 4, 2 tokens
     for index in range(len(model.layers)):
         x = seen[("x", index)][0]
         attn = torch.cat(seen[("attn", index)], dim=1)
-        stored = torch.cat(seen[("stored", index)], dim=1)
+        stored = torch.cat([values for values, _ in seen[("stored", index)]], dim=1)
+        keys = torch.cat([keys for _, keys in seen[("stored", index)]], dim=1)
         assert attn.abs().max() > 1e-3  # the attention branch is not trivially zero
         torch.testing.assert_close(stored, x + attn, atol=1e-12, rtol=0)
+        torch.testing.assert_close(keys, x, atol=0, rtol=0)  # addressed by the tokens
 
 
 def test_seed_readme_block_runs():

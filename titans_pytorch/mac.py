@@ -23,17 +23,18 @@ class MemoryAsContextMixer(nn.Module):
        the future;
     3. store the attention layer's output in the residual stream, `y = x + Attn(...)`, in
        the memory (the paper's `M_t = M_{t-1}(y_t)`; `x` is the mixer's input, with
-       hyper-connections the streams' mix) and
-    4. gate: `out = Attn(...) * sigmoid(M(y))`, each token reading the memory as updated by
+       hyper-connections the streams' mix), addressed by the tokens: the values are computed
+       from `y`, the keys (and all queries) from `x`, as `h_t`'s queries are, and
+    4. gate: `out = Attn(...) * sigmoid(M(x))`, each token reading the memory as updated by
        the chunks before its own (retrieve-then-store inside the segment, so causal); the
        block adds `out` to the stream.
 
     Why `x + Attn` and not the attention branch alone: the branch is what attention adds to
     the stream, a mix of the segment's tokens with little of the token itself at first, so
     "this key, this value" reaches the memory only once attention has learned to put it
-    there. On `benchmarks/recall.py`, storing the branch alone recalled a needle 4 windows back
-    at most 23% of the time after 1,500 steps; storing the stream after attention, every time
-    (README, "Long-range recall").
+    there. Why keys from `x`: attention mixes the rest of the segment into `y`, and with keys
+    computed from `y` the memory could not tell facts apart (it kept a bag of values; README,
+    "Long-range recall").
 
     Without a memory (`memory=None`) it is plain segment / sliding-window attention with
     persistent tokens.
@@ -109,7 +110,8 @@ class MemoryAsContextMixer(nn.Module):
                 # the attention layer's output in the residual stream, x_t + Attn_t, is what the
                 # memory stores and reads (the paper's y_t; see the class docstring)
                 attended = x[:, piece] + y
-                gate, memory_state = self.memory(attended, state=memory_state, return_state=True)
+                # ... addressed by the tokens: keys and queries from x (as h_t's queries), values from y
+                gate, memory_state = self.memory(attended, state=memory_state, return_state=True, key_seq=x[:, piece])
                 y = y * torch.sigmoid(gate)
             outputs.append(y)
         return torch.cat(outputs, dim=1), MixerCache(attn_cache, memory_state, prefix, segment_memory)

@@ -94,9 +94,11 @@ class NeuralMemory(nn.Module):
     halves separately (used by memory-as-context).
 
     Arguments follow the paper: `chunk_size` tokens share a gradient point; per token and
-    head a learning rate `theta` (at most `max_lr`, default `1 / chunk_size`), momentum
-    `eta` and forgetting `alpha` are predicted from the input (sigmoids initialised at
-    `init_lr * max_lr`, `init_momentum`, `init_forget`); keys and queries are L2-normalised.
+    head a learning rate `theta` (at most `max_lr`), momentum `eta` and forgetting `alpha` are
+    predicted from the input (sigmoids initialised at `init_lr * max_lr`, `init_momentum`,
+    `init_forget`); keys and queries are L2-normalised, and so are the values (the targets),
+    unless `value_l2norm=False`. The defaults (`max_lr=0.025`, normalised values) are those with
+    which the default deep memory, momentum on, learned recall fastest (README, "Long-range recall").
     `momentum=False` / `forget=False` switch those terms off. `refresh_every=k` takes the
     gradients of `k` consecutive chunks at one point (faster, weaker; default 1, the paper's
     form; a call that ends inside a span starts a new span on the next call, so streaming
@@ -115,13 +117,14 @@ class NeuralMemory(nn.Module):
         pre_rmsnorm: bool = True,
         momentum: bool = True,
         forget: bool = True,
-        max_lr: float | None = None,
+        max_lr: float = 0.025,
         init_lr: float = 0.5,
         init_momentum: float = 0.9,
         init_forget: float = 0.01,
         qkv_activation: bool = True,
         conv_kernel_size: int | None = 4,
         qk_l2norm: bool = True,
+        value_l2norm: bool = True,
         refresh_every: int = 1,
         max_grad_norm: float | None = None,
         scan_backend: str = "auto",
@@ -133,10 +136,6 @@ class NeuralMemory(nn.Module):
                 raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) when dim_head is not given")
             dim_head = dim // heads
         check_positive_ints(dim_head=dim_head)
-        if max_lr is None:
-            # every gradient of a chunk is taken at one point, so the chunk's summed step is what
-            # must stay bounded: theta <= 1 / chunk_size keeps it so (see README, "Stability")
-            max_lr = 1.0 / chunk_size
         if not max_lr > 0:
             raise ValueError(f"max_lr must be positive, got {max_lr}")
         for name, value in (("init_lr", init_lr), ("init_momentum", init_momentum), ("init_forget", init_forget)):
@@ -152,6 +151,7 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.dim_head, self.chunk_size = dim, heads, dim_head, chunk_size
         self.max_lr, self.refresh_every, self.max_grad_norm = max_lr, refresh_every, max_grad_norm
         self.scan_backend, self.qk_l2norm, self.qkv_activation = scan_backend, qk_l2norm, qkv_activation
+        self.value_l2norm = value_l2norm
         dim_inner = heads * dim_head
 
         self.model = model if model is not None else ResidualNormMemory(dim_head)
@@ -245,8 +245,13 @@ class NeuralMemory(nn.Module):
             queries = F.normalize(queries, dim=-1)
         return queries, conv
 
-    def _keys_values_gates(self, x, state):
-        keys_values = self.to_keys_values(x)
+    def _keys_values_gates(self, x, state, key_x=None):
+        if key_x is None:
+            keys_values = self.to_keys_values(x)
+        else:  # keys from key_x, values (and gates) from x
+            inner = self.heads * self.dim_head
+            weight = self.to_keys_values.weight
+            keys_values = torch.cat((F.linear(key_x, weight[:inner]), F.linear(x, weight[inner:])), dim=-1)
         if self.qkv_activation:
             keys_values = F.silu(keys_values)
         conv = dict(state.conv)
@@ -255,6 +260,8 @@ class NeuralMemory(nn.Module):
         keys, values = rearrange(keys_values, "b n (kv h d) -> kv b h n d", kv=2, h=self.heads)
         if self.qk_l2norm:
             keys = F.normalize(keys, dim=-1)
+        if self.value_l2norm:
+            values = F.normalize(values, dim=-1)
         to_heads = lambda t: rearrange(t, "b n h -> b h n")  # noqa: E731
         gates = {"lr": self.max_lr * torch.sigmoid(to_heads(self.to_lr(x)))}
         if self.to_momentum is not None:
@@ -332,13 +339,23 @@ class NeuralMemory(nn.Module):
 
     # ------------------------------------------------------------- public API
 
-    def forward(self, seq, state: NeuralMemoryState | None = None, return_state: bool = False):
-        """seq `(batch, seq_len, dim)` -> retrieved `(batch, seq_len, dim)` [, state]."""
+    def forward(self, seq, state: NeuralMemoryState | None = None, return_state: bool = False, key_seq=None):
+        """seq `(batch, seq_len, dim)` -> retrieved `(batch, seq_len, dim)` [, state].
+
+        With `key_seq` (same shape), the keys and the queries are computed from `key_seq` and the
+        values and gates from `seq`: the memory stores `seq` addressed by `key_seq` (memory as
+        context stores the attention output, addressed by the tokens)."""
         self._check_input(seq)
         state = self._check_state(state, seq.shape[0], seq.device, self._inner_dtype(seq.dtype))
         x = self.norm(seq)
-        queries, conv = self._queries(x, state)
-        keys, values, gates, conv = self._keys_values_gates(x, replace(state, conv=conv))
+        key_x = None
+        if key_seq is not None:
+            self._check_input(key_seq, "key_seq")
+            if key_seq.shape != seq.shape:
+                raise ValueError(f"key_seq must have the shape of seq {tuple(seq.shape)}, got {tuple(key_seq.shape)}")
+            key_x = self.norm(key_seq)
+        queries, conv = self._queries(x if key_x is None else key_x, state)
+        keys, values, gates, conv = self._keys_values_gates(x, replace(state, conv=conv), key_x)
         with torch.autocast(seq.device.type, enabled=False):
             state, retrieved = self._advance(state, keys, values, gates, queries)
         state = replace(state, conv=conv)
