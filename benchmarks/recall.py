@@ -24,13 +24,12 @@ attention over windows of `window` tokens with persistent tokens. No token sees 
 own window except through a memory, so `window` cannot do better than chance at one window and
 beyond. Results of one model do not depend on which others run (fixed seeds).
 
-Defaults, and why (see the README's "Long-range recall" section for the runs behind them): the
-memory network is `LinearMemory` with momentum off, because the library's default
-`ResidualNormMemory` (`x + LN(mlp(x))`) learned this task far more slowly (LMM with momentum:
-0.19 accuracy with 8 facts at 4 windows after 800 steps, answer loss 2.34; with a linear memory
-the answer loss was 0.014 by step 800); chunk 8 = the window;
-peak learning rate 1e-2, except MAC at 3e-3 (at 5e-3 and above it stays at chance or close to it;
-1e-3 learns more slowly).
+Defaults, and why: every model runs the library's own defaults (the default memory network
+`ResidualNormMemory`, momentum and forgetting on, 1 memory head, chunk 16, and for MAC
+`min(16, window)`); `--memory-model linear`, `--no-momentum`, `--no-value-norm`, `--max-lr` and
+the other memory flags are there to compare against them. Peak learning rate 1e-2, except MAC at
+3e-3: it learns only in a narrow window (at 1e-2 it stayed at chance for hundreds of steps; see
+docs/recall.md for the runs).
 """
 
 from __future__ import annotations

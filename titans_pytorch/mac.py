@@ -8,7 +8,7 @@ from torch import nn
 from .attention import LocalAttention, segment_pieces
 from .checks import check_non_negative_ints, check_positive_ints
 from .neural_memory import NeuralMemory
-from .transformer import MixerCache, TitansTransformer, build_memories
+from .transformer import MemoryGate, MixerCache, TitansTransformer, build_memories
 
 
 class MemoryAsContextMixer(nn.Module):
@@ -25,9 +25,9 @@ class MemoryAsContextMixer(nn.Module):
        the memory (the paper's `M_t = M_{t-1}(y_t)`; `x` is the mixer's input, with
        hyper-connections the streams' mix), addressed by the tokens: the values are computed
        from `y`, the keys (and all queries) from `x`, as `h_t`'s queries are, and
-    4. gate: `out = Attn(...) * sigmoid(M(x))`, each token reading the memory as updated by
-       the chunks before its own (retrieve-then-store inside the segment, so causal); the
-       block adds `out` to the stream.
+    4. gated read: `out = sigmoid(RMSNorm(Attn(...))) * RMSNorm(M(x))` (`MemoryGate`, as in
+       MAG), each token reading the memory as updated by the chunks before its own
+       (retrieve-then-store inside the segment, so causal); the block adds `out` to the stream.
 
     Why `x + Attn` and not the attention branch alone: the branch is what attention adds to
     the stream, a mix of the segment's tokens with little of the token itself at first, so
@@ -55,6 +55,7 @@ class MemoryAsContextMixer(nn.Module):
         self.segment_len = segment_len
         self.attention = LocalAttention(dim, heads, dim_head, segment_len, num_persist_mem_tokens, sliding)
         self.memory = memory
+        self.gate = MemoryGate(dim) if memory is not None else None
         self.longterm_queries = None
         if memory is not None and num_longterm_mem_tokens:
             self.longterm_queries = nn.Parameter(torch.randn(num_longterm_mem_tokens, dim) * 0.02)
@@ -111,8 +112,8 @@ class MemoryAsContextMixer(nn.Module):
                 # memory stores and reads (the paper's y_t; see the class docstring)
                 attended = x[:, piece] + y
                 # ... addressed by the tokens: keys and queries from x (as h_t's queries), values from y
-                gate, memory_state = self.memory(attended, state=memory_state, return_state=True, key_seq=x[:, piece])
-                y = y * torch.sigmoid(gate)
+                memory_read, memory_state = self.memory(attended, state=memory_state, return_state=True, key_seq=x[:, piece])
+                y = self.gate(y, memory_read)
             outputs.append(y)
         return torch.cat(outputs, dim=1), MixerCache(attn_cache, memory_state, prefix, segment_memory)
 

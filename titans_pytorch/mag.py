@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .attention import LocalAttention
 from .neural_memory import NeuralMemory
-from .transformer import MixerCache, SlidingWindowMemoryTransformer
+from .transformer import MemoryGate, MixerCache, SlidingWindowMemoryTransformer
 
 
 class MemoryAsGateMixer(nn.Module):
     """Two branches over the same input `x (b, n, dim)`: sliding-window attention over
     `[persistent || x]` giving `y`, and the neural memory over `x` giving `m` (each token
-    reading the memory before its own chunk is stored, so causal). They are combined by
-    the paper's non-linear gate, both normalised with learned scales:
-    `out = W_o (RMSNorm(y) * sigmoid(RMSNorm(m)))`. Without a memory it is the attention alone.
+    reading the memory before its own chunk is stored, so causal). They are combined by the
+    paper's non-linear gate (`MemoryGate`: the attention gates the memory's read, both
+    normalised): `out = W_o (sigmoid(RMSNorm(y)) * RMSNorm(m))`. Without a memory it is the
+    attention alone.
     """
 
     def __init__(self, attention: LocalAttention, memory: NeuralMemory | None):
         super().__init__()
         self.attention, self.memory = attention, memory
         if memory is not None:
-            dim = memory.dim
-            self.attention_norm, self.memory_norm = nn.RMSNorm(dim), nn.RMSNorm(dim)
-            self.to_out = nn.Linear(dim, dim, bias=False)
+            self.gate = MemoryGate(memory.dim)
+            self.to_out = nn.Linear(memory.dim, memory.dim, bias=False)
 
     def forward(self, x, position: int, cache: MixerCache | None = None):
         cache = cache if cache is not None else MixerCache()
@@ -32,7 +31,7 @@ class MemoryAsGateMixer(nn.Module):
         if self.memory is None:
             return y, MixerCache(attention_cache)
         read, memory_state = self.memory(x, state=cache.memory, return_state=True)
-        out = self.to_out(self.attention_norm(y) * torch.sigmoid(self.memory_norm(read)))
+        out = self.to_out(self.gate(y, read))
         return out, MixerCache(attention_cache, memory_state)
 
 

@@ -82,6 +82,23 @@ def build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neura
     return memories
 
 
+class MemoryGate(nn.Module):
+    """The paper's non-linear gate `y (x) M(x)` (MAG's combination, MAC's gated read): the
+    attention output `y` and the memory's read `m`, both `(b, n, dim)`, each normalised with
+    learned scales, the attention gating the read: `sigmoid(RMSNorm(y)) * RMSNorm(m)`.
+
+    The paper does not say which side takes the sigmoid. With it on the memory's side, what
+    the memory recalls reaches the output only as a modulation of attention, and MAG and MAC
+    learned recall several times more slowly (docs/recall.md)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.attention_norm, self.memory_norm = nn.RMSNorm(dim), nn.RMSNorm(dim)
+
+    def forward(self, y, read):
+        return torch.sigmoid(self.attention_norm(y)) * self.memory_norm(read)
+
+
 class TitansTransformer(PretrainedMixin, nn.Module):
     """`model(ids)` with `ids (batch, seq)` of token ids -> logits `(batch, seq, num_tokens)`.
 
