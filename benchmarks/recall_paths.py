@@ -8,9 +8,10 @@ reading the memory switched off in turn, and by query order.
     python benchmarks/recall_paths.py --keys-from-stored   # the earlier MAC: keys from x + Attn, not x
 
 MAC reads its memory three ways: per-token retrieval `h_t = M_{s-1}(q_t)` and the long-term
-tokens (both seen by attention), and the gated read `out = Attn * sigmoid(M(y))`. A path is
-switched off by zeroing what it reads (retrieved tokens become zero vectors; the gate becomes a
-constant 1/2); the memory still stores as before.
+tokens (both seen by attention), and the gated read `out = sigmoid(norm(Attn)) * norm(M(x))`.
+A path is switched off by removing what it reads: retrieved tokens become zero vectors, and the
+gated read's `M(x)` a constant vector (so the attention still passes through the gate, carrying
+nothing from the memory); the memory still stores as before.
 
 By query order: in the evaluation sequences the facts' queries come one after another, the first
 asking the last fact. A model that recalls by key scores about the same at every query. One that
@@ -61,7 +62,7 @@ def switched_off(model, per_token=False, longterm=False, gate=False):
 
         def forward_off(seq, state=None, return_state=False, key_seq=None, original=memory.forward):
             out, state = original(seq, state=state, return_state=True, key_seq=key_seq)
-            out = torch.zeros_like(out) if gate else out
+            out = torch.ones_like(out) if gate else out  # normalised: the norm's scale, a constant
             return (out, state) if return_state else out
 
         memory.read, memory.forward = read_off, forward_off
