@@ -2,6 +2,7 @@
 
     python benchmarks/recall.py                       # all five models, default setting
     python benchmarks/recall.py --models mac,window   # a subset
+    python benchmarks/recall.py --merge a/results.json b/results.json   # one table from runs of subsets
 
 The task. The vocabulary has filler tokens, key tokens, value tokens and a query marker. A
 sequence holds `pairs` facts `key value` (distinct keys, values drawn independently), then
@@ -328,6 +329,8 @@ def parse_args(argv=None):
                    help="per-model peak learning rates overriding --lr, e.g. 'mac=3e-3,mag=1e-2' ('' for none)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="train nothing: one table and plot (in --out) from runs of different --models")
     return p.parse_args(argv)
 
 
@@ -379,25 +382,58 @@ def run(args):
 
     if not results:
         raise SystemExit("no model could be built")
-    for setting in settings:
-        print(f"answer accuracy, {labels[setting]}, by distance in windows of {args.window} tokens"
-              f" (chance {task.chance:.4f})")
-        rows = [(name, f"{r['params']:,}", f"{r['train_seconds']:.0f}",
-                 *(f"{r['accuracy'][setting][str(w)]:.3f}" for w in windows)) for name, r in results.items()]
-        print_table(("model", "params", "train s", *(f"{w}w ({w * args.window} tok)" for w in windows)), rows)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     payload = dict(
         args=vars(args), task=asdict(task), chance=task.chance, windows=windows, settings=settings, labels=labels,
         device=f"cpu ({device_name(torch.device('cpu'))})", threads=torch.get_num_threads(),
         torch=torch.__version__, results=results,
     )
-    (out / "results.json").write_text(json.dumps(payload, indent=2))
-    print(f"results: {out / 'results.json'}")
-    plot(results, windows, task.chance, labels, out / "recall.png")
+    report(payload, Path(args.out))
     return payload
 
 
+def report(payload, out: Path):
+    """Print the accuracy tables of `payload` (a results.json's content), write it to
+    `out/results.json` and plot it to `out/recall.png`."""
+    results, windows, window = payload["results"], payload["windows"], payload["args"]["window"]
+    for setting in payload["settings"]:
+        print(f"answer accuracy, {payload['labels'][setting]}, by distance in windows of {window} tokens"
+              f" (chance {payload['chance']:.4f})")
+        rows = [(name, f"{r['params']:,}", f"{r['train_seconds']:.0f}",
+                 *(f"{r['accuracy'][setting][str(w)]:.3f}" for w in windows)) for name, r in results.items()]
+        print_table(("model", "params", "train s", *(f"{w}w ({w * window} tok)" for w in windows)), rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    print(f"results: {out / 'results.json'}")
+    plot(results, windows, payload["chance"], payload["labels"], out / "recall.png")
+
+
+# settings that must agree for runs to be merged into one table
+MERGE_KEYS = ("seed", "seq_len", "pairs", "num_keys", "num_values", "num_filler", "eval_windows", "eval_sequences",
+              "dim", "depth", "window", "heads", "dim_head", "ff_mult", "persist", "longterm", "streams", "steps", "batch")
+
+
+def merge(paths, out: Path):
+    """One table and plot from the results.json of runs of different `--models` (for example
+    one per CPU core): a model's results do not depend on which others ran."""
+    payloads = [json.loads(Path(path).read_text()) for path in paths]
+    first = payloads[0]
+    for path, other in zip(paths[1:], payloads[1:]):
+        differ = [k for k in MERGE_KEYS if other["args"].get(k) != first["args"].get(k)]
+        if differ:
+            raise SystemExit(f"--merge: {path} differs from {paths[0]} in {', '.join(differ)}")
+    merged = dict(first, results={}, merged_from=[str(p) for p in paths])
+    for path, other in zip(paths, payloads):
+        for name, result in other["results"].items():
+            if name in merged["results"]:
+                raise SystemExit(f"--merge: {name} appears in more than one file ({path})")
+            merged["results"][name] = dict(result, args=other["args"])
+    report(merged, out)
+    return merged
+
+
 if __name__ == "__main__":
-    run(parse_args())
+    arguments = parse_args()
+    if arguments.merge:
+        merge(arguments.merge, Path(arguments.out))
+    else:
+        run(arguments)

@@ -45,6 +45,25 @@ def test_task_layout(pairs, distance):
         assert (per_sequence == distance).all()
 
 
+def test_merge_combines_runs_of_different_models(tmp_path):
+    recall = load_benchmark()
+    tiny = ["--steps", "2", "--eval-windows", "1", "--eval-sequences", "2", "--dim", "16", "--dim-head", "8",
+            "--heads", "2", "--pairs", "2", "--seq-len", "32"]
+    lmm = recall.run(recall.parse_args(["--models", "lmm", "--out", str(tmp_path / "a"), *tiny]))
+    window = recall.run(recall.parse_args(["--models", "window", "--out", str(tmp_path / "b"), *tiny]))
+    merged = recall.merge([tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"], tmp_path / "m")
+    assert list(merged["results"]) == ["lmm", "window"]
+    for name, run in (("lmm", lmm), ("window", window)):
+        assert merged["results"][name]["accuracy"] == run["results"][name]["accuracy"]
+    assert (tmp_path / "m" / "results.json").exists()
+    # runs of another setting, or the same model twice, are refused
+    recall.run(recall.parse_args(["--models", "mal", "--out", str(tmp_path / "c"), *tiny, "--seed", "1"]))
+    with pytest.raises(SystemExit, match="seed"):
+        recall.merge([tmp_path / "a" / "results.json", tmp_path / "c" / "results.json"], tmp_path / "x")
+    with pytest.raises(SystemExit, match="lmm appears"):
+        recall.merge([tmp_path / "a" / "results.json", tmp_path / "a" / "results.json"], tmp_path / "x")
+
+
 @pytest.mark.slow
 def test_memory_beats_window_baseline(tmp_path):
     """300 steps of MAL (memory, then sliding-window attention) and of the window-only baseline
