@@ -99,6 +99,26 @@ def test_memory_stores_the_stream_after_attention(float64):
         torch.testing.assert_close(keys, x, atol=0, rtol=0)  # addressed by the tokens
 
 
+def test_gated_read_is_the_attention_gating_the_memory_read(float64):
+    # out = sigmoid(RMSNorm(Attn)) * RMSNorm(M(x)): capture the attention branch, the memory's
+    # read and the mixer's output of every segment piece
+    model = small_mac(num_residual_streams=1)
+    seen = {}
+    for index, layer in enumerate(model.layers):
+        mixer = layer[1]
+        mixer.register_forward_hook(lambda m, args, out, i=index: seen.setdefault(("out", i), []).append(out[0]))
+        mixer.attention.to_out_proj.register_forward_hook(
+            lambda m, args, out, i=index: seen.setdefault(("attn", i), []).append(out)
+        )
+        mixer.memory.register_forward_hook(lambda m, args, out, i=index: seen.setdefault(("read", i), []).append(out[0]))
+    model(torch.randint(0, 32, (2, 10)))
+    for index, layer in enumerate(model.layers):
+        gate = layer[1].gate
+        attn, read = (torch.cat(seen[(kind, index)], dim=1) for kind in ("attn", "read"))
+        expected = torch.sigmoid(gate.attention_norm(attn)) * gate.memory_norm(read)
+        torch.testing.assert_close(seen[("out", index)][0], expected, atol=1e-12, rtol=0)
+
+
 def test_seed_readme_block_runs():
     transformer = MemoryAsContextTransformer(
         num_tokens=256, dim=64, depth=2, segment_len=32, num_persist_mem_tokens=4, num_longterm_mem_tokens=16,
