@@ -33,8 +33,8 @@ class MemoryAsContextMixer(nn.Module):
     the stream, a mix of the segment's tokens with little of the token itself at first, so
     "this key, this value" reaches the memory only once attention has learned to put it
     there. Why keys from `x`: attention mixes the rest of the segment into `y`, and with keys
-    computed from `y` the memory could not tell facts apart (it kept a bag of values; README,
-    "Long-range recall").
+    computed from `y` the memory could not tell facts apart (it kept a bag of values;
+    docs/recall.md).
 
     Without a memory (`memory=None`) it is plain segment / sliding-window attention with
     persistent tokens.

@@ -97,8 +97,9 @@ class NeuralMemory(nn.Module):
     head a learning rate `theta` (at most `max_lr`), momentum `eta` and forgetting `alpha` are
     predicted from the input (sigmoids initialised at `init_lr * max_lr`, `init_momentum`,
     `init_forget`); keys and queries are L2-normalised, and so are the values (the targets),
-    unless `value_l2norm=False`. The defaults (`max_lr=0.025`, normalised values) are those with
-    which the default deep memory, momentum on, learned recall fastest (README, "Long-range recall").
+    unless `value_l2norm=False`. With the defaults (`max_lr=0.025`, normalised values) the default
+    deep memory, momentum on, learned recall in every setting we tried; the earlier `1 / chunk_size`
+    bound with raw values did not at chunk 8 (README, "Stability").
     `momentum=False` / `forget=False` switch those terms off. `refresh_every=k` takes the
     gradients of `k` consecutive chunks at one point (faster, weaker; default 1, the paper's
     form; a call that ends inside a span starts a new span on the next call, so streaming
