@@ -8,6 +8,7 @@ memory layer: segment attention with persistent tokens only, the baseline a memo
 
     python benchmarks/compare_variants.py --steps 1000 --seeds 0,1,2 --jobs 2
     python benchmarks/compare_variants.py --models mac,window --steps 300 -- --sample-len 0
+    python benchmarks/compare_variants.py --steps 1000 --jobs 2 --resume   # continue after a stop
 
 Validation is reported as mean and spread (smallest to largest) over the seeds; results.json
 in --out keeps every run's figures.
@@ -33,15 +34,16 @@ MODELS = ("mac", "mag", "mal", "lmm", "window")
 
 def run(model, seed, args, out):
     """Train one model with one seed; returns its metrics records."""
-    if (out / "metrics.jsonl").exists():
+    resume = args.resume and (out / "checkpoint.pt").exists()
+    if not resume and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()  # a fresh run, not an append to an old one
     command = [sys.executable, str(ROOT / "train_mac.py"), "--model", model, "--preset", args.preset,
                "--steps", str(args.steps), "--seed", str(seed), "--out", str(out), "--device", "cpu",
-               "--threads", str(args.threads), "--overwrite"]
+               "--threads", str(args.threads), "--resume" if resume else "--overwrite"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     log = out.parent / f"{out.name}.log"
     out.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as handle:
+    with open(log, "a" if resume else "w") as handle:
         subprocess.run(command + args.extra, check=True, env=env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -61,6 +63,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each run from its checkpoint in --out (a finished run is read back, not rerun); "
+                             "train_mac.py refuses a checkpoint made with other settings")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_mac.py flags")
     args = parser.parse_args()
     args.extra = [a for a in args.extra if a != "--"]
@@ -70,7 +75,7 @@ def main():
         parser.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    runs = [(model, seed) for model in models for seed in seeds]
+    runs = [(model, seed) for seed in seeds for model in models]  # seed by seed: every model's first seed comes first
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {key: pool.submit(run, *key, args, Path(args.out) / f"{key[0]}-seed{key[1]}") for key in runs}
         results = {key: summary(future.result()) for key, future in futures.items()}
