@@ -85,8 +85,13 @@ class FusedChunkLoop(torch.autograd.Function):
         weighted_keys = keys[..., None, :] * token_weights[..., None]  # (B, N, c, k, d)
         inputs = zip(keys.unbind(1), offsets.unbind(1), token_weights.unbind(1), transitions.unbind(1),
                      weighted_keys.unbind(1))
+        # every chunk's state in one buffer, written in place: no state-sized temporaries per chunk
+        # and no stacking afterwards (the states are kept for the backward anyway)
+        states = state.new_empty(keys.shape[1] + 1, *state.shape)
+        states[0] = state
         chunks, ones = [], None
-        for chunk_keys, chunk_offsets, tw, transition, chunk_weighted_keys in inputs:
+        for j, (chunk_keys, chunk_offsets, tw, transition, chunk_weighted_keys) in enumerate(inputs):
+            state = states[j]
             residual, saved = network.forward(state[:, 0], chunk_keys, offset=chunk_offsets)  # M(k) - v
             if saved.hidden and ones is None:
                 ones = torch.ones_like(saved.hidden[0])
@@ -109,10 +114,11 @@ class FusedChunkLoop(torch.autograd.Function):
                 sums[network.scale_name] = torch.bmm(tw.transpose(1, 2), residual * normed)
             chunks.append(_Chunk(state, saved.matrices, saved.inputs, saved.hidden, slopes, backs, deltas, weighted,
                                  norm_saved))
-            state = torch.baddbmm(torch.cat([sums[name] for name in layout.names], dim=-1), transition, state)
-        ctx.network, ctx.chunks = network, chunks
+            torch.cat([sums[name] for name in layout.names], dim=-1, out=states[j + 1])
+            states[j + 1].baddbmm_(transition, state)
+        ctx.network, ctx.chunks, ctx.states = network, chunks, states
         ctx.save_for_backward(keys, token_weights, transitions)
-        return torch.stack([chunk.state[:, 0] for chunk in chunks]), state
+        return states[:-1, :, 0], states[-1]
 
     @staticmethod
     def backward(ctx, grad_start_weights, grad_final):
@@ -123,14 +129,19 @@ class FusedChunkLoop(torch.autograd.Function):
         num_chunks, last = keys.shape[1], len(names) - 1
         dim = keys.shape[-1]
         inv_sqrt = dim**-0.5
-        lam = grad_final if grad_final is not None else torch.zeros_like(chunks[-1].state)
-        lams, grad_residuals, grad_z0 = [None] * num_chunks, [None] * num_chunks, [None] * num_chunks
+        # lams[j]: the adjoint of the state after chunk j, all in one buffer written in place
+        lams = ctx.states.new_empty(ctx.states[1:].shape)
+        if grad_final is None:
+            lams[-1].zero_()
+        else:
+            lams[-1] = grad_final
+        grad_residuals, grad_z0 = [None] * num_chunks, [None] * num_chunks
         two, zero = keys.new_tensor(2.0), keys.new_tensor(0.0)
         for j in range(num_chunks - 1, -1, -1):
             chunk = chunks[j]
             acts, pre, slopes, backs, deltas = chunk.acts, chunk.pre, chunk.slopes, chunk.backs, chunk.deltas
             matrices = chunk.matrices
-            lams[j] = lam  # the adjoint of the state after chunk j
+            lam = lams[j]
             lam_params = layout.views(lam)
             lam_matrices = [lam_params[name] for name in names]
             tw = token_weights[:, j]
@@ -181,27 +192,28 @@ class FusedChunkLoop(torch.autograd.Function):
             if norm:
                 grads[network.scale_name] = grad_scale
             grad_weights = torch.cat([grads[name].flatten(1) for name in layout.names], dim=-1)
-            if grad_start_weights is not None:
-                grad_weights = grad_weights + grad_start_weights[j]
-            lam = torch.bmm(transitions[:, j].transpose(1, 2), lam)
+            # the adjoint before chunk j: into the buffer, or, before the first, the state's gradient
+            lam = torch.bmm(transitions[:, j].transpose(1, 2), lam, out=lams[j - 1] if j else None)
             lam[:, 0].add_(grad_weights)
+            if grad_start_weights is not None:
+                lam[:, 0].add_(grad_start_weights[j])
 
-        # what the recurrence does not need, for all chunks at once (batch and chunk flattened)
+        # what the recurrence does not need, for all chunks at once (chunk and batch flattened,
+        # chunk-major as the buffers `states` and `lams` (N, B, k, P))
         batch, _, chunk_size, rows = token_weights.shape
         flat = lambda t: t.flatten(0, 1)  # noqa: E731
-        lams = torch.stack(lams, dim=1)  # (B, N, k, P)
-        states = torch.stack([chunk.state for chunk in chunks], dim=1)
-        grad_transitions = lams @ states.transpose(-1, -2)
+        states = ctx.states[:-1]
+        grad_transitions = torch.bmm(flat(lams), flat(states).transpose(1, 2)).view(num_chunks, batch, rows, rows)
         lam_params = {name: flat(t) for name, t in layout.views(lams).items()}
         first_weights = flat(layout.views(states[:, :, 0])[names[0]])
-        tw = flat(token_weights)
+        tw = flat(token_weights.transpose(0, 1))
 
         def over_chunks(pick):
-            return flat(torch.stack([pick(chunk) for chunk in chunks], dim=1))
+            return flat(torch.stack([pick(chunk) for chunk in chunks]))
 
         grad_tw = 0
         for m, name in enumerate(names):
-            inputs = flat(keys) if m == 0 else over_chunks(lambda chunk: chunk.acts[m])
+            inputs = flat(keys.transpose(0, 1)) if m == 0 else over_chunks(lambda chunk: chunk.acts[m])
             deltas = over_chunks(lambda chunk: chunk.deltas[m])
             per_row = [_row_dot(torch.bmm(inputs, lam_params[name][:, row]), deltas) for row in range(rows)]
             grad_tw = grad_tw + torch.cat(per_row, dim=-1)
@@ -211,6 +223,7 @@ class FusedChunkLoop(torch.autograd.Function):
             products = over_chunks(lambda chunk: chunk.norm[5] * chunk.norm[1])  # residual * normed
             grad_tw = grad_tw + torch.bmm(products, lam_params[network.scale_name].transpose(1, 2))
         grad_keys = _by_rows(first_deltas[:, :, None, :] * tw[..., None], lam_params[names[0]], transpose=True)
-        grad_keys = torch.baddbmm(grad_keys, flat(torch.stack(grad_z0, dim=1)), first_weights.transpose(1, 2))
-        return (None, lam, grad_keys.view(keys.shape), torch.stack(grad_residuals, dim=1),
-                grad_tw.view(batch, -1, chunk_size, rows), grad_transitions)
+        grad_keys = torch.baddbmm(grad_keys, flat(torch.stack(grad_z0)), first_weights.transpose(1, 2))
+        return (None, lam, grad_keys.view(num_chunks, batch, *keys.shape[2:]).transpose(0, 1),
+                torch.stack(grad_residuals, dim=1), grad_tw.view(num_chunks, batch, chunk_size, rows).transpose(0, 1),
+                grad_transitions.transpose(0, 1))
