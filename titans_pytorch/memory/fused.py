@@ -63,7 +63,6 @@ class _Chunk:
     matrices: list  # its weight matrices W_m, views into `state`
     acts: list  # each matrix's input (a_0 = the keys)
     pre: list  # each GELU's input z_m
-    slopes: list  # gelu'(z_m)
     backs: list  # delta_{m+1} W_{m+1}^T
     deltas: list  # the residual's gradient at each z_m
     weighted: list  # w * a_m, (B, c, k, d_in)
@@ -81,7 +80,7 @@ class FusedChunkLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, network, state, keys, offsets, token_weights, transitions):
         ctx.set_materialize_grads(False)
-        layout, norm = network.layout, network.scale_name is not None
+        layout, norm, rows = network.layout, network.scale_name is not None, token_weights.shape[-1]
         weighted_keys = keys[..., None, :] * token_weights[..., None]  # (B, N, c, k, d)
         inputs = zip(keys.unbind(1), offsets.unbind(1), token_weights.unbind(1), transitions.unbind(1),
                      weighted_keys.unbind(1))
@@ -89,13 +88,10 @@ class FusedChunkLoop(torch.autograd.Function):
         # and no stacking afterwards (the states are kept for the backward anyway)
         states = state.new_empty(keys.shape[1] + 1, *state.shape)
         states[0] = state
-        chunks, ones = [], None
+        chunks = []
         for j, (chunk_keys, chunk_offsets, tw, transition, chunk_weighted_keys) in enumerate(inputs):
-            state = states[j]
+            state, sums = states[j], layout.views(states[j + 1])  # the chunk's gradient sums go to `sums`
             residual, saved = network.forward(state[:, 0], chunk_keys, offset=chunk_offsets)  # M(k) - v
-            if saved.hidden and ones is None:
-                ones = torch.ones_like(saved.hidden[0])
-            slopes = [torch.ops.aten.gelu_backward(ones, z) for z in saved.hidden]
             if norm:
                 z, normed, mean, rstd, scale = saved.norm
                 scaled = residual * scale
@@ -106,15 +102,14 @@ class FusedChunkLoop(torch.autograd.Function):
             backs = []
             for m in range(len(saved.matrices) - 1, 0, -1):
                 backs.insert(0, torch.bmm(deltas[0], saved.matrices[m].transpose(1, 2)))
-                deltas.insert(0, backs[0] * slopes[m - 1])
+                deltas.insert(0, torch.ops.aten.gelu_backward(backs[0], saved.hidden[m - 1]))
             weighted = [chunk_weighted_keys] + [a[:, :, None, :] * tw[..., None] for a in saved.inputs[1:]]
-            sums = {name: torch.bmm(w.flatten(2).transpose(1, 2), g).view(g.shape[0], tw.shape[-1], -1)
-                    for name, w, g in zip(network.matrix_names, weighted, deltas)}
+            for name, w, g in zip(network.matrix_names, weighted, deltas):
+                for row in range(rows):  # straight into the next state's rows, then the transition on top
+                    torch.bmm(w[:, :, row].transpose(1, 2), g, out=sums[name][:, row])
             if norm:
-                sums[network.scale_name] = torch.bmm(tw.transpose(1, 2), residual * normed)
-            chunks.append(_Chunk(state, saved.matrices, saved.inputs, saved.hidden, slopes, backs, deltas, weighted,
-                                 norm_saved))
-            torch.cat([sums[name] for name in layout.names], dim=-1, out=states[j + 1])
+                torch.bmm(tw.transpose(1, 2), residual * normed, out=sums[network.scale_name])
+            chunks.append(_Chunk(state, saved.matrices, saved.inputs, saved.hidden, backs, deltas, weighted, norm_saved))
             states[j + 1].baddbmm_(transition, state)
         ctx.network, ctx.chunks, ctx.states = network, chunks, states
         ctx.save_for_backward(keys, token_weights, transitions)
@@ -136,11 +131,29 @@ class FusedChunkLoop(torch.autograd.Function):
         else:
             lams[-1] = grad_final
         grad_residuals, grad_z0 = [None] * num_chunks, [None] * num_chunks
-        two, zero = keys.new_tensor(2.0), keys.new_tensor(0.0)
+
+        # what depends on the forward pass alone, for all chunks at once (chunk-major: (N, B, ...))
+        def over_chunks(pick):
+            return torch.stack([pick(chunk) for chunk in chunks])
+
+        chunk_weights = token_weights.transpose(0, 1)  # (N, B, c, k)
+        all_deltas = [over_chunks(lambda chunk: chunk.deltas[m]) for m in range(len(names))]
+        weighted_deltas = [None] + [d[..., None, :] * chunk_weights[..., None] for d in all_deltas[1:]]
+        slopes, back_curvatures = [], []
+        for m in range(last):
+            z = over_chunks(lambda chunk: chunk.pre[m])
+            slopes.append(torch.ops.aten.gelu_backward(torch.ones_like(z), z))  # gelu'(z_m)
+            # d delta_m / d z_m = back_m * gelu''(z_m), gelu''(z) = exp(-z^2 / 2) (2 - z^2) / sqrt(2 pi)
+            squared = z.square()
+            curvature = torch.exp(squared * -0.5) * (2 - squared)
+            back_curvatures.append(over_chunks(lambda chunk: chunk.backs[m]) * curvature * _INV_SQRT_2PI)
+        if norm:  # <scaled, normed> per token
+            scaled_normed = _row_dot(over_chunks(lambda chunk: chunk.norm[6]).flatten(0, 1),
+                                     over_chunks(lambda chunk: chunk.norm[1]).flatten(0, 1)).unflatten(0, (num_chunks, -1))
+
         for j in range(num_chunks - 1, -1, -1):
             chunk = chunks[j]
-            acts, pre, slopes, backs, deltas = chunk.acts, chunk.pre, chunk.slopes, chunk.backs, chunk.deltas
-            matrices = chunk.matrices
+            acts, deltas, matrices = chunk.acts, chunk.deltas, chunk.matrices
             lam = lams[j]
             lam_params = layout.views(lam)
             lam_matrices = [lam_params[name] for name in names]
@@ -148,14 +161,12 @@ class FusedChunkLoop(torch.autograd.Function):
 
             # gradients of the sums with respect to each delta, and to each hidden activation
             grad_deltas = [_by_rows(w, lm) for w, lm in zip(chunk.weighted, lam_matrices)]
-            grad_acts = [None] + [
-                _by_rows(deltas[m][:, :, None, :] * tw[..., None], lam_matrices[m], transpose=True)
-                for m in range(1, len(matrices))
-            ]
+            grad_acts = [None] + [_by_rows(weighted_deltas[m][j], lam_matrices[m], transpose=True)
+                                  for m in range(1, len(matrices))]
             # through delta_m = gelu'(z_m) * (delta_{m+1} W_{m+1}^T), bottom up
             grad_matrices, grad_z = [None] * len(matrices), [None] * len(matrices)
             for m in range(last):
-                back_grad = grad_deltas[m] * slopes[m]
+                back_grad = grad_deltas[m] * slopes[m][j]
                 grad_deltas[m + 1] = torch.baddbmm(grad_deltas[m + 1], back_grad, matrices[m + 1])
                 grad_matrices[m + 1] = torch.bmm(back_grad.transpose(1, 2), deltas[m + 1])
             top = grad_deltas[last]
@@ -166,7 +177,7 @@ class FusedChunkLoop(torch.autograd.Function):
                 grad_residual = torch.addcmul(grad_scaled * scale, grad_products, normed)
                 grad_scale = torch.addcmul(grad_scaled * residual, grad_residual, normed, value=inv_sqrt).sum(1)
                 # the normed output's gradient: the forward path, the sums, and LN' depending on z
-                second = torch.addcmul(top * _row_dot(scaled, normed), scaled, _row_dot(top, normed))
+                second = torch.addcmul(top * scaled_normed[j], scaled, _row_dot(top, normed))
                 grad_normed = torch.addcmul(torch.addcmul(grad_products * residual, grad_residual, scale, value=inv_sqrt),
                                             second, rstd, value=-1 / dim)
                 grad_z[last] = torch.addcmul(_layer_norm_backward(grad_normed, z, mean, rstd), normed,
@@ -176,11 +187,8 @@ class FusedChunkLoop(torch.autograd.Function):
             grad_residuals[j] = grad_residual
             # down the network: z_m = a_m W_m, a_{m+1} = gelu(z_m)
             for m in range(last, -1, -1):
-                if m < last:  # and delta_m = gelu'(z_m) * back_m: gelu''(z) = exp(-z^2 / 2) (2 - z^2) / sqrt(2 pi)
-                    z = pre[m]
-                    curvature = torch.exp(torch.addcmul(zero, z, z, value=-0.5)) * torch.addcmul(two, z, z, value=-1)
-                    grad_z[m] = torch.addcmul(grad_acts[m + 1] * slopes[m], grad_deltas[m] * backs[m], curvature,
-                                              value=_INV_SQRT_2PI)
+                if m < last:  # and delta_m = gelu'(z_m) * back_m
+                    grad_z[m] = torch.addcmul(grad_acts[m + 1] * slopes[m][j], grad_deltas[m], back_curvatures[m][j])
                 if grad_matrices[m] is None:
                     grad_matrices[m] = torch.bmm(acts[m].transpose(1, 2), grad_z[m])
                 else:
@@ -206,21 +214,17 @@ class FusedChunkLoop(torch.autograd.Function):
         grad_transitions = torch.bmm(flat(lams), flat(states).transpose(1, 2)).view(num_chunks, batch, rows, rows)
         lam_params = {name: flat(t) for name, t in layout.views(lams).items()}
         first_weights = flat(layout.views(states[:, :, 0])[names[0]])
-        tw = flat(token_weights.transpose(0, 1))
-
-        def over_chunks(pick):
-            return flat(torch.stack([pick(chunk) for chunk in chunks]))
-
+        tw = flat(chunk_weights)
         grad_tw = 0
         for m, name in enumerate(names):
-            inputs = flat(keys.transpose(0, 1)) if m == 0 else over_chunks(lambda chunk: chunk.acts[m])
-            deltas = over_chunks(lambda chunk: chunk.deltas[m])
+            inputs = flat(keys.transpose(0, 1) if m == 0 else over_chunks(lambda chunk: chunk.acts[m]))
+            deltas = flat(all_deltas[m])
             per_row = [_row_dot(torch.bmm(inputs, lam_params[name][:, row]), deltas) for row in range(rows)]
             grad_tw = grad_tw + torch.cat(per_row, dim=-1)
             if m == 0:
                 first_deltas = deltas
         if norm:
-            products = over_chunks(lambda chunk: chunk.norm[5] * chunk.norm[1])  # residual * normed
+            products = flat(over_chunks(lambda chunk: chunk.norm[5] * chunk.norm[1]))  # residual * normed
             grad_tw = grad_tw + torch.bmm(products, lam_params[network.scale_name].transpose(1, 2))
         grad_keys = _by_rows(first_deltas[:, :, None, :] * tw[..., None], lam_params[names[0]], transpose=True)
         grad_keys = torch.baddbmm(grad_keys, flat(torch.stack(grad_z0)), first_weights.transpose(1, 2))
