@@ -74,7 +74,12 @@ class ClosedFormNetwork:
         replaced by `offset`: the fused loop passes `k - v` or `-v` and gets `M(k) - v` directly.
         """
         params = self.layout.views(weights)
-        matrices = [params[name] for name in self.matrix_names]
+        scale = params[self.scale_name][:, None] if self.scale_name is not None else None
+        return self.forward_views([params[name] for name in self.matrix_names], scale, x, offset)
+
+    def forward_views(self, matrices, scale, x, offset=None):
+        """`forward` with the weights already split: matrices `(B, d_in, d_out)` each, and the
+        norm's scale `(B, 1, d)` (None without a norm)."""
         inputs, hidden, h = [], [], x
         for index, matrix in enumerate(matrices):
             if index:
@@ -86,7 +91,6 @@ class ClosedFormNetwork:
             return (h if offset is None else h + offset), _Saved(matrices, inputs, hidden, None)
         dim = x.shape[-1]
         normed, mean, rstd = torch.native_layer_norm(h, (dim,), None, None, LAYER_NORM_EPS)
-        scale = params[self.scale_name][:, None]
         out = torch.addcmul(x if offset is None else offset, normed, scale, value=dim**-0.5)
         return out, _Saved(matrices, inputs, hidden, (h, normed, mean, rstd, scale))
 

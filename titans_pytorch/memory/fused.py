@@ -4,9 +4,11 @@
 differentiate through them; that costs about 140 dispatched ops per chunk, most of them in the
 autograd formulas of the LayerNorm and GELU backward kernels (the outer backward of the inner
 gradient is a second derivative). Here the loop runs without autograd and the backward is written
-out, so a chunk costs about 60 ops forward and backward together, and everything of the backward
-that the chunk-to-chunk recurrence does not need (the gradients of keys, residual offsets, token
-weights and transitions) is computed after the reverse loop, batched over all chunks.
+out, so a chunk costs about 50 ops forward and backward together: everything of the backward that
+depends on the forward pass alone (GELU slopes and curvatures) is computed before the reverse
+loop, and everything the chunk-to-chunk recurrence does not need (the gradients of keys, residual
+offsets, token weights and transitions) after it, each batched over all chunks. The states and
+their adjoints live in one buffer each, written in place (no state-sized temporaries per chunk).
 
 Forward, chunk `j` (state `[W; S] (B, k, P)`, `W` = matrices `W_m` and, for `ResidualNormMemory`, a
 scale `s`), with keys `K (B, c, d)`, residual offsets `o`, token weights `w (B, c, k)` (the update
@@ -46,12 +48,11 @@ def _row_dot(x, y):
     return torch.bmm(x.reshape(batch * rows, 1, dim), y.reshape(batch * rows, dim, 1)).view(batch, rows, 1)
 
 
-def _by_rows(weighted, lam, transpose=False):
-    """`sum_r weighted[:, :, r] @ lam[:, r]` (or `lam[:, r]^T`): weighted `(B, c, k, a)`, lam `(B, k, a', b')`."""
+def _by_rows(weighted_rows, matrices):
+    """`sum_r weighted_rows[r] @ matrices[r]`, over the state's `k` rows: `(B, c, a)` and `(B, a, b)` each."""
     out = None
-    for row in range(weighted.shape[2]):
-        matrix = lam[:, row].transpose(1, 2) if transpose else lam[:, row]
-        out = torch.bmm(weighted[:, :, row], matrix) if out is None else torch.baddbmm(out, weighted[:, :, row], matrix)
+    for weighted, matrix in zip(weighted_rows, matrices):
+        out = torch.bmm(weighted, matrix) if out is None else torch.baddbmm(out, weighted, matrix)
     return out
 
 
@@ -81,17 +82,21 @@ class FusedChunkLoop(torch.autograd.Function):
     def forward(ctx, network, state, keys, offsets, token_weights, transitions):
         ctx.set_materialize_grads(False)
         layout, norm, rows = network.layout, network.scale_name is not None, token_weights.shape[-1]
-        weighted_keys = keys[..., None, :] * token_weights[..., None]  # (B, N, c, k, d)
-        inputs = zip(keys.unbind(1), offsets.unbind(1), token_weights.unbind(1), transitions.unbind(1),
-                     weighted_keys.unbind(1))
+        num_chunks = keys.shape[1]
         # every chunk's state in one buffer, written in place: no state-sized temporaries per chunk
         # and no stacking afterwards (the states are kept for the backward anyway)
-        states = state.new_empty(keys.shape[1] + 1, *state.shape)
+        states = state.new_empty(num_chunks + 1, *state.shape)
         states[0] = state
+        # per-chunk views, made once for all chunks (unbind: one call each)
+        weights = layout.views(states[:-1, :, 0])  # what each chunk reads at: {name: (N, B, *shape)}
+        matrices = list(zip(*(weights[name].unbind(0) for name in network.matrix_names)))
+        scales = weights[network.scale_name][:, :, None].unbind(0) if norm else [None] * num_chunks
+        weighted_keys = keys[..., None, :] * token_weights[..., None]  # (B, N, c, k, d)
+        inputs = zip(keys.unbind(1), offsets.unbind(1), token_weights.unbind(1), token_weights.transpose(2, 3).unbind(1),
+                     weighted_keys.unbind(1), states.unbind(0), states[1:].unbind(0), transitions.unbind(1))
         chunks = []
-        for j, (chunk_keys, chunk_offsets, tw, transition, chunk_weighted_keys) in enumerate(inputs):
-            state, sums = states[j], layout.views(states[j + 1])  # the chunk's gradient sums go to `sums`
-            residual, saved = network.forward(state[:, 0], chunk_keys, offset=chunk_offsets)  # M(k) - v
+        for j, (chunk_keys, chunk_offsets, tw, tw_rows, chunk_weighted_keys, state, next_state, transition) in enumerate(inputs):
+            residual, saved = network.forward_views(matrices[j], scales[j], chunk_keys, offset=chunk_offsets)  # M(k) - v
             if norm:
                 z, normed, mean, rstd, scale = saved.norm
                 scaled = residual * scale
@@ -104,16 +109,20 @@ class FusedChunkLoop(torch.autograd.Function):
                 backs.insert(0, torch.bmm(deltas[0], saved.matrices[m].transpose(1, 2)))
                 deltas.insert(0, torch.ops.aten.gelu_backward(backs[0], saved.hidden[m - 1]))
             weighted = [chunk_weighted_keys] + [a[:, :, None, :] * tw[..., None] for a in saved.inputs[1:]]
-            for name, w, g in zip(network.matrix_names, weighted, deltas):
-                for row in range(rows):  # straight into the next state's rows, then the transition on top
-                    torch.bmm(w[:, :, row].transpose(1, 2), g, out=sums[name][:, row])
+            sums = {name: torch.bmm(w.flatten(2).transpose(1, 2), g).view(g.shape[0], rows, -1)
+                    for name, w, g in zip(network.matrix_names, weighted, deltas)}
             if norm:
-                torch.bmm(tw.transpose(1, 2), residual * normed, out=sums[network.scale_name])
+                sums[network.scale_name] = torch.bmm(tw_rows, residual * normed)
             chunks.append(_Chunk(state, saved.matrices, saved.inputs, saved.hidden, backs, deltas, weighted, norm_saved))
-            states[j + 1].baddbmm_(transition, state)
+            # state_{j+1} = T_j state_j + sums, in place in the buffer (contiguous writes: at small
+            # sizes, matmuls into strided views cost several times more than this one copy)
+            torch.cat([sums[name] for name in layout.names], dim=-1, out=next_state)
+            next_state.baddbmm_(transition, state)
         ctx.network, ctx.chunks, ctx.states = network, chunks, states
         ctx.save_for_backward(keys, token_weights, transitions)
-        return states[:-1, :, 0], states[-1]
+        # the final state is copied out: a view would keep every chunk's state alive with it (in a
+        # decoding cache, say) long after this call's graph is gone
+        return states[:-1, :, 0], states[-1].clone()
 
     @staticmethod
     def backward(ctx, grad_start_weights, grad_final):
@@ -151,17 +160,28 @@ class FusedChunkLoop(torch.autograd.Function):
             scaled_normed = _row_dot(over_chunks(lambda chunk: chunk.norm[6]).flatten(0, 1),
                                      over_chunks(lambda chunk: chunk.norm[1]).flatten(0, 1)).unflatten(0, (num_chunks, -1))
 
+        # per-chunk views, made once for all chunks (unbind: one call each)
+        lam_list, lam_weights = lams.unbind(0), lams[:, :, 0].unbind(0)
+        lam_rows = {name: [t.unbind(0) for t in layout.views(lams)[name].unbind(2)] for name in names}
+        lam_rows_t = {name: [t.transpose(-1, -2).unbind(0) for t in layout.views(lams)[name].unbind(2)]
+                      for name in names[1:]}
+        lam_scales = layout.views(lams)[network.scale_name].unbind(0) if norm else None
+        transposed_transitions = transitions.transpose(2, 3).unbind(1)
+        chunk_tws = token_weights.unbind(1)
+        start_grads = grad_start_weights.unbind(0) if grad_start_weights is not None else None
+        slopes = [t.unbind(0) for t in slopes]
+        back_curvatures = [t.unbind(0) for t in back_curvatures]
+        weighted_delta_rows = [None] + [[t.unbind(2) for t in w.unbind(0)] for w in weighted_deltas[1:]]
+        scaled_normed = scaled_normed.unbind(0) if norm else None
+
         for j in range(num_chunks - 1, -1, -1):
             chunk = chunks[j]
             acts, deltas, matrices = chunk.acts, chunk.deltas, chunk.matrices
-            lam = lams[j]
-            lam_params = layout.views(lam)
-            lam_matrices = [lam_params[name] for name in names]
-            tw = token_weights[:, j]
-
+            tw = chunk_tws[j]
             # gradients of the sums with respect to each delta, and to each hidden activation
-            grad_deltas = [_by_rows(w, lm) for w, lm in zip(chunk.weighted, lam_matrices)]
-            grad_acts = [None] + [_by_rows(weighted_deltas[m][j], lam_matrices[m], transpose=True)
+            grad_deltas = [_by_rows(w.unbind(2), [rows[j] for rows in lam_rows[name]])
+                           for w, name in zip(chunk.weighted, names)]
+            grad_acts = [None] + [_by_rows(weighted_delta_rows[m][j], [rows[j] for rows in lam_rows_t[names[m]]])
                                   for m in range(1, len(matrices))]
             # through delta_m = gelu'(z_m) * (delta_{m+1} W_{m+1}^T), bottom up
             grad_matrices, grad_z = [None] * len(matrices), [None] * len(matrices)
@@ -172,7 +192,7 @@ class FusedChunkLoop(torch.autograd.Function):
             top = grad_deltas[last]
             if norm:
                 z, normed, mean, rstd, scale, residual, scaled = chunk.norm
-                grad_products = torch.bmm(tw, lam_params[network.scale_name])  # d/d(residual * normed)
+                grad_products = torch.bmm(tw, lam_scales[j])  # d/d(residual * normed)
                 grad_scaled = _layer_norm_backward(top, z, mean, rstd)
                 grad_residual = torch.addcmul(grad_scaled * scale, grad_products, normed)
                 grad_scale = torch.addcmul(grad_scaled * residual, grad_residual, normed, value=inv_sqrt).sum(1)
@@ -199,12 +219,13 @@ class FusedChunkLoop(torch.autograd.Function):
             grads = dict(zip(names, grad_matrices))
             if norm:
                 grads[network.scale_name] = grad_scale
-            grad_weights = torch.cat([grads[name].flatten(1) for name in layout.names], dim=-1)
-            # the adjoint before chunk j: into the buffer, or, before the first, the state's gradient
-            lam = torch.bmm(transitions[:, j].transpose(1, 2), lam, out=lams[j - 1] if j else None)
-            lam[:, 0].add_(grad_weights)
-            if grad_start_weights is not None:
-                lam[:, 0].add_(grad_start_weights[j])
+            # the adjoint before chunk j, T_j^T lam_j + the chunk's weight gradients (and the reads'),
+            # into the buffer; before the first chunk, the state's gradient
+            grad_state = torch.bmm(transposed_transitions[j], lam_list[j], out=lam_list[j - 1] if j else None)
+            weights_row = lam_weights[j - 1] if j else grad_state[:, 0]
+            weights_row.add_(torch.cat([grads[name].flatten(1) for name in layout.names], dim=-1))
+            if start_grads is not None:
+                weights_row.add_(start_grads[j])
 
         # what the recurrence does not need, for all chunks at once (chunk and batch flattened,
         # chunk-major as the buffers `states` and `lams` (N, B, k, P))
@@ -226,8 +247,9 @@ class FusedChunkLoop(torch.autograd.Function):
         if norm:
             products = flat(over_chunks(lambda chunk: chunk.norm[5] * chunk.norm[1]))  # residual * normed
             grad_tw = grad_tw + torch.bmm(products, lam_params[network.scale_name].transpose(1, 2))
-        grad_keys = _by_rows(first_deltas[:, :, None, :] * tw[..., None], lam_params[names[0]], transpose=True)
+        grad_keys = _by_rows((first_deltas[:, :, None, :] * tw[..., None]).unbind(2),
+                             [t.transpose(1, 2) for t in lam_params[names[0]].unbind(1)])
         grad_keys = torch.baddbmm(grad_keys, flat(torch.stack(grad_z0)), first_weights.transpose(1, 2))
-        return (None, lam, grad_keys.view(num_chunks, batch, *keys.shape[2:]).transpose(0, 1),
+        return (None, grad_state, grad_keys.view(num_chunks, batch, *keys.shape[2:]).transpose(0, 1),
                 torch.stack(grad_residuals, dim=1), grad_tw.view(num_chunks, batch, chunk_size, rows).transpose(0, 1),
                 grad_transitions.transpose(0, 1))
