@@ -161,11 +161,10 @@ class FusedChunkLoop(torch.autograd.Function):
                                      over_chunks(lambda chunk: chunk.norm[1]).flatten(0, 1)).unflatten(0, (num_chunks, -1))
 
         # per-chunk views, made once for all chunks (unbind: one call each)
-        lam_list, lam_weights = lams.unbind(0), lams[:, :, 0].unbind(0)
-        lam_rows = {name: [t.unbind(0) for t in layout.views(lams)[name].unbind(2)] for name in names}
-        lam_rows_t = {name: [t.transpose(-1, -2).unbind(0) for t in layout.views(lams)[name].unbind(2)]
-                      for name in names[1:]}
-        lam_scales = layout.views(lams)[network.scale_name].unbind(0) if norm else None
+        lam_list, lam_weights, lam_views = lams.unbind(0), lams[:, :, 0].unbind(0), layout.views(lams)
+        lam_rows = {name: [t.unbind(0) for t in lam_views[name].unbind(2)] for name in names}
+        lam_rows_t = {name: [t.transpose(-1, -2).unbind(0) for t in lam_views[name].unbind(2)] for name in names[1:]}
+        lam_scales = lam_views[network.scale_name].unbind(0) if norm else None
         transposed_transitions = transitions.transpose(2, 3).unbind(1)
         chunk_tws = token_weights.unbind(1)
         start_grads = grad_start_weights.unbind(0) if grad_start_weights is not None else None
