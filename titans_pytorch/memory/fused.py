@@ -60,8 +60,7 @@ def _by_rows(weighted_rows, matrices):
 class _Chunk:
     """What the forward pass of one chunk keeps for the backward."""
 
-    state: torch.Tensor  # the state the chunk starts from (B, k, P)
-    matrices: list  # its weight matrices W_m, views into `state`
+    matrices: list  # its weight matrices W_m, views into the states buffer
     acts: list  # each matrix's input (a_0 = the keys)
     pre: list  # each GELU's input z_m
     backs: list  # delta_{m+1} W_{m+1}^T
@@ -113,7 +112,7 @@ class FusedChunkLoop(torch.autograd.Function):
                     for name, w, g in zip(network.matrix_names, weighted, deltas)}
             if norm:
                 sums[network.scale_name] = torch.bmm(tw_rows, residual * normed)
-            chunks.append(_Chunk(state, saved.matrices, saved.inputs, saved.hidden, backs, deltas, weighted, norm_saved))
+            chunks.append(_Chunk(saved.matrices, saved.inputs, saved.hidden, backs, deltas, weighted, norm_saved))
             # state_{j+1} = T_j state_j + sums, in place in the buffer (contiguous writes: at small
             # sizes, matmuls into strided views cost several times more than this one copy)
             torch.cat([sums[name] for name in layout.names], dim=-1, out=next_state)
@@ -147,7 +146,7 @@ class FusedChunkLoop(torch.autograd.Function):
 
         chunk_weights = token_weights.transpose(0, 1)  # (N, B, c, k)
         all_deltas = [over_chunks(lambda chunk: chunk.deltas[m]) for m in range(len(names))]
-        weighted_deltas = [None] + [d[..., None, :] * chunk_weights[..., None] for d in all_deltas[1:]]
+        weighted_deltas = [d[..., None, :] * chunk_weights[..., None] for d in all_deltas]  # (N, B, c, k, d_out)
         slopes, back_curvatures = [], []
         for m in range(last):
             z = over_chunks(lambda chunk: chunk.pre[m])
@@ -170,7 +169,7 @@ class FusedChunkLoop(torch.autograd.Function):
         start_grads = grad_start_weights.unbind(0) if grad_start_weights is not None else None
         slopes = [t.unbind(0) for t in slopes]
         back_curvatures = [t.unbind(0) for t in back_curvatures]
-        weighted_delta_rows = [None] + [[t.unbind(2) for t in w.unbind(0)] for w in weighted_deltas[1:]]
+        weighted_delta_rows = [[t.unbind(2) for t in w.unbind(0)] for w in weighted_deltas]
         scaled_normed = scaled_normed.unbind(0) if norm else None
 
         for j in range(num_chunks - 1, -1, -1):
@@ -220,8 +219,8 @@ class FusedChunkLoop(torch.autograd.Function):
                 grads[network.scale_name] = grad_scale
             # the adjoint before chunk j, T_j^T lam_j + the chunk's weight gradients (and the reads'),
             # into the buffer; before the first chunk, the state's gradient
-            grad_state = torch.bmm(transposed_transitions[j], lam_list[j], out=lam_list[j - 1] if j else None)
-            weights_row = lam_weights[j - 1] if j else grad_state[:, 0]
+            adjoint = torch.bmm(transposed_transitions[j], lam_list[j], out=lam_list[j - 1] if j else None)
+            weights_row = lam_weights[j - 1] if j else adjoint[:, 0]
             weights_row.add_(torch.cat([grads[name].flatten(1) for name in layout.names], dim=-1))
             if start_grads is not None:
                 weights_row.add_(start_grads[j])
@@ -232,23 +231,20 @@ class FusedChunkLoop(torch.autograd.Function):
         flat = lambda t: t.flatten(0, 1)  # noqa: E731
         states = ctx.states[:-1]
         grad_transitions = torch.bmm(flat(lams), flat(states).transpose(1, 2)).view(num_chunks, batch, rows, rows)
-        lam_params = {name: flat(t) for name, t in layout.views(lams).items()}
+        lam_params = {name: flat(t) for name, t in lam_views.items()}
         first_weights = flat(layout.views(states[:, :, 0])[names[0]])
-        tw = flat(chunk_weights)
         grad_tw = 0
         for m, name in enumerate(names):
             inputs = flat(keys.transpose(0, 1) if m == 0 else over_chunks(lambda chunk: chunk.acts[m]))
             deltas = flat(all_deltas[m])
             per_row = [_row_dot(torch.bmm(inputs, lam_params[name][:, row]), deltas) for row in range(rows)]
             grad_tw = grad_tw + torch.cat(per_row, dim=-1)
-            if m == 0:
-                first_deltas = deltas
         if norm:
             products = flat(over_chunks(lambda chunk: chunk.norm[5] * chunk.norm[1]))  # residual * normed
             grad_tw = grad_tw + torch.bmm(products, lam_params[network.scale_name].transpose(1, 2))
-        grad_keys = _by_rows((first_deltas[:, :, None, :] * tw[..., None]).unbind(2),
+        grad_keys = _by_rows(flat(weighted_deltas[0]).unbind(2),
                              [t.transpose(1, 2) for t in lam_params[names[0]].unbind(1)])
         grad_keys = torch.baddbmm(grad_keys, flat(torch.stack(grad_z0)), first_weights.transpose(1, 2))
-        return (None, grad_state, grad_keys.view(num_chunks, batch, *keys.shape[2:]).transpose(0, 1),
+        return (None, adjoint, grad_keys.view(num_chunks, batch, *keys.shape[2:]).transpose(0, 1),
                 torch.stack(grad_residuals, dim=1), grad_tw.view(num_chunks, batch, chunk_size, rows).transpose(0, 1),
                 grad_transitions.transpose(0, 1))
