@@ -42,7 +42,7 @@ def memory_flops(batch, seq_len, dim, heads, dim_head, expansion=4, sets=2):
     (2 with momentum: the momentum and the weight sums; 1 without).
     Per token: q/k/v projections 3 * 2 * dim * heads * d, output projection
     2 * heads * d * dim when there is one (heads > 1 or heads * d != dim).
-    Norms, gates, convolutions and the (c x c) coefficient tensors are ignored.
+    Norms, gates, convolutions and the per-token chunk coefficients are ignored.
     Forward+backward is taken as ~3x forward (outer backward ~2x the forward it inverts).
     """
     d = dim_head
@@ -82,27 +82,29 @@ class DispatchCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def per_chunk_dispatch(make_memory, device, chunks=(4, 36), repeats=9):
+def per_chunk_dispatch(make_memory, device, chunks=(4, 36), repeats=25):
     """(forward ops, backward ops, host microseconds forward+backward) per chunk: the difference
     between `chunks[1]` and `chunks[0]` chunks, so per-call work cancels out. Host time is the
-    process's CPU time (with one thread, the host's work; another busy core does not inflate it)."""
+    process's CPU time (with one thread, the host's work; another busy core does not inflate it),
+    the least disturbed of `repeats` runs of each length, the two lengths run in turn so that a
+    slow spell of the machine hits both."""
     mem = make_memory().to(device)
-    counts, times = [], []
-    for n in chunks:
-        x = torch.randn(1, n * mem.chunk_size, mem.dim, device=device, requires_grad=True)
+    inputs = [torch.randn(1, n * mem.chunk_size, mem.dim, device=device, requires_grad=True) for n in chunks]
+    counts = []
+    for x in inputs:
         mem(x).sum().backward()  # warm-up
         with DispatchCounter() as forward:
             out = mem(x).sum()
         with DispatchCounter() as backward:
             out.backward()
         counts.append((forward.compute, backward.compute))
-        runs = []
-        for _ in range(repeats):
+    times = [float("inf")] * len(chunks)
+    for _ in range(repeats):
+        for index, x in enumerate(inputs):
             # host time: this process's CPU time, no device synchronisation (a busy second core does not count)
             start = time.process_time()
             mem(x).sum().backward()
-            runs.append(time.process_time() - start)
-        times.append(min(runs))  # the least disturbed run
+            times[index] = min(times[index], time.process_time() - start)
     span = chunks[1] - chunks[0]
     return ((counts[1][0] - counts[0][0]) / span, (counts[1][1] - counts[0][1]) / span,
             (times[1] - times[0]) / span * 1e6)

@@ -3,6 +3,7 @@
     python benchmarks/recall.py                       # all five models, default setting
     python benchmarks/recall.py --models mac,window   # a subset
     python benchmarks/recall.py --merge a/results.json b/results.json   # one table from runs of subsets
+    python benchmarks/recall.py --models mac,window --bare --lr 1e-3 --steps 600   # as a new user would
 
 The task. The vocabulary has filler tokens, key tokens, value tokens and a query marker. A
 sequence holds `pairs` facts `key value` (distinct keys, values drawn independently), then
@@ -164,6 +165,11 @@ def memory_model(args, dim):
 def build_model(name, args, task):
     """The model called `name` (one of ALL_MODELS)."""
     cls = MODEL_CLASSES[name]
+    if args.bare:  # as a new user writes it: every argument but the sizes left to the library
+        if name == "lmm":
+            return cls(num_tokens=task.num_tokens, dim=args.dim, depth=args.depth)
+        extra = dict(neural_memory_layers=()) if name == "window" else {}
+        return cls(num_tokens=task.num_tokens, dim=args.dim, depth=args.depth, segment_len=args.window, **extra)
     common = dict(num_tokens=task.num_tokens, dim=args.dim, depth=args.depth, ff_mult=args.ff_mult,
                   num_residual_streams=args.streams)
     if name != "window":
@@ -195,10 +201,15 @@ def model_lrs(args):
 
 def train(model, task, args, lr, log_prefix=""):
     generator = torch.Generator().manual_seed(args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    if args.bare:  # plain AdamW at a constant rate: no warmup, no decay, no clipping
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     warmup = max(1, args.steps // 20)
 
     def lr_at(step):
+        if args.bare:
+            return 1.0
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, args.steps - warmup)
@@ -213,7 +224,8 @@ def train(model, task, args, lr, log_prefix=""):
         loss = answer_loss(logits, targets, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not args.bare:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
@@ -329,6 +341,10 @@ def parse_args(argv=None):
                    help="per-model peak learning rates overriding --lr, e.g. 'mac=3e-3,mag=1e-2' ('' for none)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--bare", action="store_true",
+                   help="as a new user would: build each model from num_tokens, --dim, --depth and --window alone "
+                        "(every other argument the library's default; the attention and memory flags are ignored) and "
+                        "train with plain AdamW at a constant --lr (no warmup, decay or clipping; --model-lr ignored)")
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
                    help="train nothing: one table and plot (in --out) from runs of different --models")
     return p.parse_args(argv)
@@ -347,7 +363,7 @@ def run(args):
             raise SystemExit(f"distance {w} windows does not fit in --seq-len {args.seq_len}")
     if args.chunk and "mac" in names and args.window % args.chunk:
         raise SystemExit(f"--chunk ({args.chunk}) must divide --window ({args.window}) for MAC")
-    lrs = model_lrs(args)
+    lrs = {} if args.bare else model_lrs(args)
     settings = {"needle": 1, "mqar": args.pairs}
     labels = {"needle": "needle in a haystack (1 fact)", "mqar": f"multi-query associative recall ({args.pairs} facts)"}
 
@@ -357,11 +373,16 @@ def run(args):
           f" 1 marker), seq_len {args.seq_len}, window {args.window}, 1..{args.pairs} facts per training sequence")
     print(f"chance (1 / num_values): {task.chance:.4f}")
     overrides = "".join(f", {n} {lr}" for n, lr in lrs.items() if n in names)
-    print(f"models: dim {args.dim}, depth {args.depth}, attention window {args.window} ({args.heads} heads of"
-          f" {args.dim_head}, {args.persist} persistent tokens), memory network: {args.memory_model},"
-          f" NeuralMemory arguments: {memory_kwargs(args) or 'the library defaults'}")
-    print(f"training: {args.steps} steps x batch {args.batch}, AdamW peak lr {args.lr}{overrides},"
-          f" loss on answer tokens only\n")
+    if args.bare:
+        print(f"models: dim {args.dim}, depth {args.depth}, segment_len {args.window}, every other argument the library's")
+        print(f"training: {args.steps} steps x batch {args.batch}, plain AdamW at a constant lr {args.lr}, loss on answer"
+              f" tokens only\n")
+    else:
+        print(f"models: dim {args.dim}, depth {args.depth}, attention window {args.window} ({args.heads} heads of"
+              f" {args.dim_head}, {args.persist} persistent tokens), memory network: {args.memory_model},"
+              f" NeuralMemory arguments: {memory_kwargs(args) or 'the library defaults'}")
+        print(f"training: {args.steps} steps x batch {args.batch}, AdamW peak lr {args.lr}{overrides},"
+              f" loss on answer tokens only\n")
 
     results = {}
     for name in names:
@@ -408,7 +429,7 @@ def report(payload, out: Path):
 
 
 # settings that must agree for runs to be merged into one table
-MERGE_KEYS = ("seed", "seq_len", "pairs", "num_keys", "num_values", "num_filler", "eval_windows", "eval_sequences",
+MERGE_KEYS = ("bare", "seed", "seq_len", "pairs", "num_keys", "num_values", "num_filler", "eval_windows", "eval_sequences",
               "dim", "depth", "window", "heads", "dim_head", "ff_mult", "persist", "longterm", "streams", "steps", "batch")
 
 
@@ -418,7 +439,8 @@ def merge(paths, out: Path):
     payloads = [json.loads(Path(path).read_text()) for path in paths]
     first = payloads[0]
     for path, other in zip(paths[1:], payloads[1:]):
-        differ = [k for k in MERGE_KEYS if other["args"].get(k) != first["args"].get(k)]
+        setting = lambda payload, key: payload["args"].get(key, False if key == "bare" else None)  # noqa: E731  (older files lack "bare")
+        differ = [k for k in MERGE_KEYS if setting(other, k) != setting(first, k)]
         if differ:
             raise SystemExit(f"--merge: {path} differs from {paths[0]} in {', '.join(differ)}")
     merged = dict(first, results={}, merged_from=[str(p) for p in paths])

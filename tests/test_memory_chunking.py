@@ -142,3 +142,14 @@ def test_coefficients_are_finite_for_extreme_decays(float64):
     for value in vars(coeffs).values():
         assert torch.isfinite(value).all()
     assert coeffs.log_weight_decay.exp() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_coefficient_gradients_are_finite_for_extreme_decays(dtype):
+    # the reverse log-cumsum-exp and its backward at decays whose products underflow
+    gates = [torch.full((4, 64), value, dtype=dtype, requires_grad=True) for value in (0.5, -50.0, -30.0)]
+    coeffs = chunk_coefficients(*gates)
+    sum(value.sum() for value in vars(coeffs).values()).backward()
+    for value in (*vars(coeffs).values(), *(gate.grad for gate in gates)):
+        assert torch.isfinite(value).all()
+    assert coeffs.grad_to_weights.abs().max() > 0

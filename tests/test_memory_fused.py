@@ -84,3 +84,36 @@ def test_fused_path_on_cuda_equals_cpu_float64():
         results.append([out, *grads])
     for cpu, cuda in zip(*results):
         torch.testing.assert_close(cuda.cpu().double(), cpu, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_fused_float32_on_either_gelu_kernel(size):
+    # below 2^15 hidden elements per chunk the loop runs aten's GELU kernels instead of oneDNN's;
+    # either way float32 matches the float64 computation, and oneDNN's switch is left as found
+    torch.manual_seed(0)
+    heads, dim_head, chunk = (2, 4, 4) if size == "small" else (2, 64, 64)
+    mem = NeuralMemory(heads * dim_head, chunk_size=chunk, heads=heads, dim_head=dim_head)
+    seq = torch.randn(1, 2 * chunk, heads * dim_head)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        copy = NeuralMemory(heads * dim_head, chunk_size=chunk, heads=heads, dim_head=dim_head).to(dtype)
+        copy.load_state_dict(mem.state_dict())
+        x = seq.to(dtype).requires_grad_()
+        out = copy(x)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [x, *copy.parameters()])])
+    assert torch.backends.mkldnn.enabled
+    for reference, value in zip(*results):
+        torch.testing.assert_close(value.double(), reference, atol=1e-3, rtol=1e-3)
+
+
+def test_onednn_switch_left_as_the_user_set_it():
+    mem = NeuralMemory(8, chunk_size=4, heads=2, dim_head=4)
+    x = torch.randn(1, 8, 8, requires_grad=True)
+    torch.backends.mkldnn.enabled = False
+    try:
+        mem(x).sum().backward()
+        assert not torch.backends.mkldnn.enabled
+    finally:
+        torch.backends.mkldnn.enabled = True
+    mem(x).sum().backward()
+    assert torch.backends.mkldnn.enabled

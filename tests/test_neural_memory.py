@@ -260,3 +260,20 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="momentum"):
         no_momentum(torch.randn(2, 5, 8), state=state)
     assert isinstance(state, NeuralMemoryState)
+
+
+def test_l2_normalize_matches_torch_normalize(float64):
+    from titans_pytorch.neural_memory import l2_normalize
+
+    x = torch.randn(3, 5, 4, 8)
+    x[0, 0, 0] = 0  # a zero row stays zero
+    x[1, 2, 3] = 1e-14  # below eps: divided by eps, as F.normalize does
+    x.requires_grad_()
+    probe = torch.randn_like(x)
+    ours, reference = l2_normalize(x), torch.nn.functional.normalize(x, dim=-1)
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-12)
+    assert torch.equal(ours[0, 0, 0], torch.zeros(8, dtype=x.dtype))
+    grads = [torch.autograd.grad((out * probe).sum(), x)[0] for out in (l2_normalize(x), reference)]
+    torch.testing.assert_close(grads[0][1:], grads[1][1:], atol=1e-10, rtol=1e-10)
+    half = l2_normalize(x.detach().bfloat16())
+    assert half.dtype == torch.float32

@@ -68,6 +68,15 @@ class NeuralMemoryState:
         return self.flat.shape[0]
 
 
+def l2_normalize(x, eps: float = 1e-12):
+    """`F.normalize(x, dim=-1)`, `x / max(||x||, eps)`, from one fused dot product per row: on
+    the token-major layout about half the cost of `F.normalize`'s norm kernel, forward and backward.
+    Computed in float32 at least (the memory's inner loop takes its keys, values and queries in
+    float32 anyway), so half-precision inputs under autocast lose nothing in the norm."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return x * torch.linalg.vecdot(x, x).unsqueeze(-1).clamp_min(eps * eps).rsqrt()
+
+
 class CausalDepthwiseConv(nn.Module):
     """Depthwise 1-D convolution over time that sees only the past; streams via a cache."""
 
@@ -241,10 +250,10 @@ class NeuralMemory(nn.Module):
         conv = dict(state.conv) if state is not None else {}
         if self.conv_kernel_size and convolve:
             queries, conv["query"] = self.query_conv(queries, state.conv["query"])
-        queries = rearrange(queries, "b n (h d) -> b h n d", h=self.heads)
+        queries = queries.unflatten(-1, (self.heads, self.dim_head))
         if self.qk_l2norm:
-            queries = F.normalize(queries, dim=-1)
-        return queries, conv
+            queries = l2_normalize(queries)
+        return queries.transpose(1, 2), conv
 
     def _keys_values_gates(self, x, state, key_x=None):
         if key_x is None:
@@ -258,11 +267,15 @@ class NeuralMemory(nn.Module):
         conv = dict(state.conv)
         if self.conv_kernel_size:
             keys_values, conv["key_value"] = self.key_value_conv(keys_values, state.conv["key_value"])
-        keys, values = rearrange(keys_values, "b n (kv h d) -> kv b h n d", kv=2, h=self.heads)
-        if self.qk_l2norm:
-            keys = F.normalize(keys, dim=-1)
-        if self.value_l2norm:
-            values = F.normalize(values, dim=-1)
+        keys_values = keys_values.unflatten(-1, (2, self.heads, self.dim_head))  # (b, n, 2, h, d)
+        if self.qk_l2norm and self.value_l2norm:
+            keys_values = l2_normalize(keys_values)  # both in one op
+        keys, values = keys_values.unbind(2)
+        if self.qk_l2norm and not self.value_l2norm:
+            keys = l2_normalize(keys)
+        if self.value_l2norm and not self.qk_l2norm:
+            values = l2_normalize(values)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (b, h, n, d)
         to_heads = lambda t: rearrange(t, "b n h -> b h n")  # noqa: E731
         gates = {"lr": self.max_lr * torch.sigmoid(to_heads(self.to_lr(x)))}
         if self.to_momentum is not None:

@@ -13,8 +13,8 @@ over tokens a+1..b):
     W_c = A(0,c) W' + [sum_t A(t,c) E(0,t)] S' - sum_i theta_i [sum_{t>=i} A(t,c) E(i,t)] u_i
 
 so a chunk needs two *weighted sums* of per-token gradients (no weight-sized tensor per token)
-and a 2 x 2 transition of the state `[W; S]`. The weights are small `(c, c)` tensors built from
-cumulative sums of `log eta` and `log (1 - alpha)` (never a division by a cumulative product).
+and a 2 x 2 transition of the state `[W; S]`. The weights come from cumulative sums of `log eta`
+and `log (1 - alpha)` and one reverse log-cumsum-exp (never a division by a cumulative product).
 """
 
 from __future__ import annotations
@@ -46,17 +46,15 @@ def chunk_coefficients(lr, log_momentum=None, log_retain=None) -> ChunkCoefficie
         return ChunkCoefficients(grad_to_weights=lr * retain_to_end.exp(), log_weight_decay=retain[..., -1])
 
     mom = log_momentum.cumsum(-1)  # Le_t
-    chunk = lr.shape[-1]
-    # exponent[i, t] = log A(t, c) + log E(i, t), kept where t >= i
-    exponent = retain_to_end[..., None, :] + mom[..., None, :] - mom[..., :, None]
-    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=lr.device).triu()
-    pair = exponent.masked_fill(~upper, float("-inf")).exp()
+    # sum_{t>=i} A(t,c) E(i,t) = exp(-Le_i) sum_{t>=i} exp(log A(t,c) + Le_t): a reverse log-cumsum-exp,
+    # so no (c, c) tensor and no division by a cumulative product (the exponent below is <= log c)
+    to_end = torch.logcumsumexp((retain_to_end + mom).flip(-1), dim=-1).flip(-1)  # log sum_{t>=i} A(t,c) E(0,t)
     return ChunkCoefficients(
-        grad_to_weights=lr * pair.sum(-1),
+        grad_to_weights=lr * (to_end - mom).exp(),
         log_weight_decay=retain[..., -1],
         grad_to_momentum=lr * (mom[..., -1:] - mom).exp(),
         log_momentum_decay=mom[..., -1],
-        momentum_to_weights=(retain_to_end + mom).exp().sum(-1),
+        momentum_to_weights=to_end[..., 0].exp(),
     )
 
 

@@ -4,11 +4,13 @@
 differentiate through them; that costs about 140 dispatched ops per chunk, most of them in the
 autograd formulas of the LayerNorm and GELU backward kernels (the outer backward of the inner
 gradient is a second derivative). Here the loop runs without autograd and the backward is written
-out, so a chunk costs about 50 ops forward and backward together: everything of the backward that
-depends on the forward pass alone (GELU slopes and curvatures) is computed before the reverse
-loop, and everything the chunk-to-chunk recurrence does not need (the gradients of keys, residual
-offsets, token weights and transitions) after it, each batched over all chunks. The states and
-their adjoints live in one buffer each, written in place (no state-sized temporaries per chunk).
+out, so a chunk of the default network costs 47 ops forward and backward together. Everything that does not depend
+on a chunk's weights is done once per call, batched over all chunks: before the forward loop the
+per-chunk views and the token-weighted keys; before the reverse loop whatever depends on the
+forward pass alone (GELU slopes and curvatures, the token-weighted deltas, the norm's per-token
+factors); after it everything the chunk-to-chunk recurrence does not need (the gradients of keys,
+residual offsets, token weights and transitions). The states and their adjoints live in one
+buffer each, written in place (no state-sized temporaries per chunk).
 
 Forward, chunk `j` (state `[W; S] (B, k, P)`, `W` = matrices `W_m` and, for `ResidualNormMemory`, a
 scale `s`), with keys `K (B, c, d)`, residual offsets `o`, token weights `w (B, c, k)` (the update
@@ -17,9 +19,9 @@ and transition `T (B, k, k)`:
 
     a_0 = K,  z_m = a_m W_m,  a_{m+1} = gelu(z_m)             # the network on the keys
     e = o + z_{L-1}                     (plain MLP: o = -V)    # residual M(k) - v
-    e = o + LN(z_{L-1}) * s / sqrt(d)   (with norm: o = K - V)
+    e = o + n * s / sqrt(d), n = LN(z_{L-1})  (with norm: o = K - V)
     delta_{L-1} = e  or  LN'(e * s);  delta_m = gelu'(z_m) * (delta_{m+1} W_{m+1}^T)
-    sums_m = (w * a_m)^T delta_m;  sums_s = w^T (e * LN(z))        # one row per state row
+    sums_m = (w * a_m)^T delta_m;  sums_s = w^T (e * n)           # one row per state row
     state_{j+1} = T state_j + sums
 
 Returns the weights `W` before every chunk, `(N, B, P)` (the reads are taken there, outside, in one
@@ -30,16 +32,42 @@ gradients against autograd through `closed_form.py`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
+
+from ..memory_models import LAYER_NORM_EPS
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2 * math.pi)
+# below this many elements a oneDNN GELU (torch's CPU default for float32) costs more to set up,
+# about 10 us a call, than aten's own kernel takes for the whole tensor
+_ONEDNN_MIN_ELEMENTS = 1 << 15
+_gelu_backward = torch.ops.aten.gelu_backward.default
+_gelu_backward_into = torch.ops.aten.gelu_backward.grad_input  # (grad, z, out)
+_layer_norm_backward_op = torch.ops.aten.native_layer_norm_backward.default
+_NO_AFFINE = [True, False, False]
 
 
 def _layer_norm_backward(grad, z, mean, rstd):
-    dim = z.shape[-1]
-    return torch.ops.aten.native_layer_norm_backward(grad, z, (dim,), mean, rstd, None, None, [True, False, False])[0]
+    return _layer_norm_backward_op(grad, z, (z.shape[-1],), mean, rstd, None, None, _NO_AFFINE)[0]
+
+
+@contextmanager
+def _small_gelu_kernels(tensor, elements):
+    """On a CPU, aten's own GELU kernels while a chunk's hidden activations are small (oneDNN's setup
+    would dominate them). oneDNN's switch is process-wide; it is restored on exit, and what runs
+    meanwhile only picks other kernels for the same results. Under `torch.compile` nothing is
+    switched (the compiler picks its own kernels)."""
+    if (torch.compiler.is_compiling() or tensor.device.type != "cpu" or elements >= _ONEDNN_MIN_ELEMENTS
+            or not torch.backends.mkldnn.enabled):
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 def _row_dot(x, y):
@@ -50,23 +78,26 @@ def _row_dot(x, y):
 
 def _by_rows(weighted_rows, matrices):
     """`sum_r weighted_rows[r] @ matrices[r]`, over the state's `k` rows: `(B, c, a)` and `(B, a, b)` each."""
-    out = None
-    for weighted, matrix in zip(weighted_rows, matrices):
-        out = torch.bmm(weighted, matrix) if out is None else torch.baddbmm(out, weighted, matrix)
+    out = torch.bmm(weighted_rows[0], matrices[0])
+    for weighted, matrix in zip(weighted_rows[1:], matrices[1:]):
+        out = torch.baddbmm(out, weighted, matrix)
     return out
 
 
-@dataclass
-class _Chunk:
-    """What the forward pass of one chunk keeps for the backward."""
+def _part_order(network):
+    """For each parameter in layout order, its index among (matrices..., scale)."""
+    parts = (*network.matrix_names, network.scale_name)
+    return [parts.index(name) for name in network.layout.names]
 
-    matrices: list  # its weight matrices W_m, views into the states buffer
-    acts: list  # each matrix's input (a_0 = the keys)
-    pre: list  # each GELU's input z_m
-    backs: list  # delta_{m+1} W_{m+1}^T
-    deltas: list  # the residual's gradient at each z_m
-    weighted: list  # w * a_m, (B, c, k, d_in)
-    norm: tuple | None  # (z, normed, mean, rstd, norm_scale, residual, residual * norm_scale)
+
+def _rows(views, transpose=False):
+    """`{name: (N, B, k, *shape)}` -> per name, `[chunk][row]` views `(B, *shape)` (transposed matrices with `transpose`)."""
+    out = {}
+    for name, view in views.items():
+        if transpose:
+            view = view.transpose(-1, -2)
+        out[name] = list(zip(*(t.unbind(0) for t in view.unbind(2))))
+    return out
 
 
 class FusedChunkLoop(torch.autograd.Function):
@@ -80,44 +111,94 @@ class FusedChunkLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, network, state, keys, offsets, token_weights, transitions):
         ctx.set_materialize_grads(False)
-        layout, norm, rows = network.layout, network.scale_name is not None, token_weights.shape[-1]
-        num_chunks = keys.shape[1]
-        # every chunk's state in one buffer, written in place: no state-sized temporaries per chunk
-        # and no stacking afterwards (the states are kept for the backward anyway)
-        states = state.new_empty(num_chunks + 1, *state.shape)
-        states[0] = state
-        # per-chunk views, made once for all chunks (unbind: one call each)
-        weights = layout.views(states[:-1, :, 0])  # what each chunk reads at: {name: (N, B, *shape)}
-        matrices = list(zip(*(weights[name].unbind(0) for name in network.matrix_names)))
-        scales = weights[network.scale_name][:, :, None].unbind(0) if norm else [None] * num_chunks
-        weighted_keys = keys[..., None, :] * token_weights[..., None]  # (B, N, c, k, d)
-        inputs = zip(keys.unbind(1), offsets.unbind(1), token_weights.unbind(1), token_weights.transpose(2, 3).unbind(1),
-                     weighted_keys.unbind(1), states.unbind(0), states[1:].unbind(0), transitions.unbind(1))
-        chunks = []
-        for j, (chunk_keys, chunk_offsets, tw, tw_rows, chunk_weighted_keys, state, next_state, transition) in enumerate(inputs):
-            residual, saved = network.forward_views(matrices[j], scales[j], chunk_keys, offset=chunk_offsets)  # M(k) - v
-            if norm:
-                z, normed, mean, rstd, scale = saved.norm
-                scaled = residual * scale
-                deltas = [_layer_norm_backward(scaled, z, mean, rstd)]
-                norm_saved = (*saved.norm, residual, scaled)
+        names, scale_name, layout = network.matrix_names, network.scale_name, network.layout
+        batch, num_chunks, chunk_size, dim = keys.shape
+        depth, rows = len(names), token_weights.shape[-1]
+        hidden = layout.shapes[layout.names.index(names[0])][-1]
+        with _small_gelu_kernels(keys, batch * chunk_size * hidden):
+            # every chunk's state in one buffer, written in place: no state-sized temporaries per
+            # chunk and no stacking afterwards (the states are kept for the backward anyway)
+            states = state.new_empty(num_chunks + 1, *state.shape)
+            states[0] = state
+            # per-chunk views, made once for all chunks (unbind: one call each), chunk-major
+            weights = layout.views(states[:-1, :, 0])  # what each chunk reads at: {name: (N, B, *shape)}
+            matrices = [weights[name].unbind(0) for name in names]
+            transposed = [None] + [weights[name].transpose(-1, -2).unbind(0) for name in names[1:]]
+            chunk_keys = keys.transpose(0, 1).unbind(0)
+            chunk_offsets = offsets.transpose(0, 1).unbind(0)
+            chunk_weights = token_weights.transpose(0, 1)  # (N, B, c, k)
+            weights_by_token = chunk_weights.unsqueeze(-1).unbind(0)  # (B, c, k, 1)
+            # (w * K)^T, for the first matrix's sums: (B, k d, c)
+            weighted_keys = keys.transpose(0, 1).unsqueeze(3) * chunk_weights.unsqueeze(-1)  # (N, B, c, k, d)
+            weighted_keys_t = weighted_keys.flatten(3).transpose(2, 3).unbind(0)
+            if scale_name is not None:
+                scales = weights[scale_name].unsqueeze(2).unbind(0)  # (B, 1, d), filled in as the loop goes
+                weights_by_row = chunk_weights.transpose(2, 3).unbind(0)  # (B, k, c)
+            order = _part_order(network)
+            parts = [None] * len(order)
+            next_states, prev_states = states[1:].unbind(0), states[:-1].unbind(0)
+            chunk_transitions = transitions.transpose(0, 1).unbind(0)
+
+            # saved for the backward, chunk-major buffers written in place where an op has an `out=`
+            # (no stacking in the backward): GELU inputs z_m, delta_m W_m^T, deltas, z_{L-1}, and with
+            # the norm e and e * s; lists for the rest (GELU outputs, token-weighted activations, the norm's n, mean, rstd)
+            widths = [layout.shapes[layout.names.index(name)][-1] for name in names]  # each matrix's output width
+            buffer = lambda width: keys.new_empty(num_chunks, batch, chunk_size, width)  # noqa: E731
+            pre, backs, deltas = [buffer(w) for w in widths[:-1]], [buffer(w) for w in widths[:-1]], [buffer(w) for w in widths[:-1]]
+            z_last = buffer(dim)
+            pre_chunks, back_chunks, delta_chunks = ([t.unbind(0) for t in b] for b in (pre, backs, deltas))
+            z_last_chunks = z_last.unbind(0)
+            acts = [[] for _ in range(depth - 1)]
+            weighted_acts = [[] for _ in range(depth - 1)]
+            if scale_name is None:
+                norm = None
             else:
-                deltas, norm_saved = [residual], None
-            backs = []
-            for m in range(len(saved.matrices) - 1, 0, -1):
-                backs.insert(0, torch.bmm(deltas[0], saved.matrices[m].transpose(1, 2)))
-                deltas.insert(0, torch.ops.aten.gelu_backward(backs[0], saved.hidden[m - 1]))
-            weighted = [chunk_weighted_keys] + [a[:, :, None, :] * tw[..., None] for a in saved.inputs[1:]]
-            sums = {name: torch.bmm(w.flatten(2).transpose(1, 2), g).view(g.shape[0], rows, -1)
-                    for name, w, g in zip(network.matrix_names, weighted, deltas)}
-            if norm:
-                sums[network.scale_name] = torch.bmm(tw_rows, residual * normed)
-            chunks.append(_Chunk(saved.matrices, saved.inputs, saved.hidden, backs, deltas, weighted, norm_saved))
-            # state_{j+1} = T_j state_j + sums, in place in the buffer (contiguous writes: at small
-            # sizes, matmuls into strided views cost several times more than this one copy)
-            torch.cat([sums[name] for name in layout.names], dim=-1, out=next_state)
-            next_state.baddbmm_(transition, state)
-        ctx.network, ctx.chunks, ctx.states = network, chunks, states
+                residuals, scaled_residuals = buffer(dim), buffer(dim)
+                residual_chunks, scaled_chunks = residuals.unbind(0), scaled_residuals.unbind(0)
+                norm = [[], [], []]  # n, mean, rstd
+                last_deltas = []
+            for j in range(num_chunks):
+                h = chunk_keys[j]
+                layer_acts = []
+                for m in range(depth):
+                    if m:
+                        h = F.gelu(h)
+                        acts[m - 1].append(h)
+                        layer_acts.append(h)
+                    h = torch.bmm(h, matrices[m][j], out=pre_chunks[m][j] if m < depth - 1 else z_last_chunks[j])
+                if scale_name is None:
+                    residual = delta = h.add_(chunk_offsets[j])  # M(k) - v, in place of z_{L-1}
+                else:
+                    normed, mean, rstd = torch.native_layer_norm(h, (dim,), None, None, LAYER_NORM_EPS)
+                    residual = torch.addcmul(chunk_offsets[j], normed, scales[j], value=dim**-0.5,
+                                             out=residual_chunks[j])  # M(k) - v
+                    scaled = torch.mul(residual, scales[j], out=scaled_chunks[j])
+                    delta = _layer_norm_backward(scaled, h, mean, rstd)
+                    for saved, t in zip(norm, (normed, mean, rstd)):
+                        saved.append(t)
+                    last_deltas.append(delta)
+                for m in range(depth - 1, 0, -1):  # delta_{m-1} = gelu'(z_{m-1}) * (delta_m W_m^T)
+                    back = torch.bmm(delta, transposed[m][j], out=back_chunks[m - 1][j])
+                    delta = _gelu_backward_into(back, pre_chunks[m - 1][j], grad_input=delta_chunks[m - 1][j])
+                # the token-weighted gradient sums, one row of the state per row of w
+                parts[0] = torch.bmm(weighted_keys_t[j], delta).view(batch, rows, -1)
+                for m in range(1, depth):
+                    weighted = layer_acts[m - 1].unsqueeze(2) * weights_by_token[j]  # (B, c, k, d_m)
+                    weighted_acts[m - 1].append(weighted)
+                    layer_delta = delta_chunks[m][j] if m < depth - 1 else (residual if scale_name is None else last_deltas[j])
+                    parts[m] = torch.bmm(weighted.flatten(2).transpose(1, 2), layer_delta).view(batch, rows, -1)
+                if scale_name is not None:
+                    parts[depth] = torch.bmm(weights_by_row[j], residual * normed)
+                # state_{j+1} = T_j state_j + sums, in place in the buffer (contiguous writes: at small
+                # sizes, matmuls into strided views cost several times more than this one copy)
+                torch.cat([parts[i] for i in order], dim=-1, out=next_states[j])
+                next_states[j].baddbmm_(chunk_transitions[j], prev_states[j])
+            # the last matrix's deltas: the residual itself without the norm (stacked in the backward)
+            deltas.append(z_last if scale_name is None else last_deltas)
+            if scale_name is not None:
+                norm = (z_last, *norm, residuals, scaled_residuals)
+        ctx.network, ctx.states = network, states
+        ctx.saved = (weighted_keys, pre, acts, backs, deltas, weighted_acts, norm)
         ctx.save_for_backward(keys, token_weights, transitions)
         # the final state is copied out: a view would keep every chunk's state alive with it (in a
         # decoding cache, say) long after this call's graph is gone
@@ -125,126 +206,147 @@ class FusedChunkLoop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_start_weights, grad_final):
-        network, chunks = ctx.network, ctx.chunks
+        network, states = ctx.network, ctx.states
         keys, token_weights, transitions = ctx.saved_tensors
-        layout, names = network.layout, network.matrix_names
-        norm = network.scale_name is not None
-        num_chunks, last = keys.shape[1], len(names) - 1
-        dim = keys.shape[-1]
-        inv_sqrt = dim**-0.5
-        # lams[j]: the adjoint of the state after chunk j, all in one buffer written in place
-        lams = ctx.states.new_empty(ctx.states[1:].shape)
-        if grad_final is None:
-            lams[-1].zero_()
-        else:
-            lams[-1] = grad_final
-        grad_residuals, grad_z0 = [None] * num_chunks, [None] * num_chunks
-
-        # what depends on the forward pass alone, for all chunks at once (chunk-major: (N, B, ...))
-        def over_chunks(pick):
-            return torch.stack([pick(chunk) for chunk in chunks])
-
-        chunk_weights = token_weights.transpose(0, 1)  # (N, B, c, k)
-        all_deltas = [over_chunks(lambda chunk: chunk.deltas[m]) for m in range(len(names))]
-        weighted_deltas = [d[..., None, :] * chunk_weights[..., None] for d in all_deltas]  # (N, B, c, k, d_out)
-        slopes, back_curvatures = [], []
-        for m in range(last):
-            z = over_chunks(lambda chunk: chunk.pre[m])
-            slopes.append(torch.ops.aten.gelu_backward(torch.ones_like(z), z))  # gelu'(z_m)
-            # d delta_m / d z_m = back_m * gelu''(z_m), gelu''(z) = exp(-z^2 / 2) (2 - z^2) / sqrt(2 pi)
-            squared = z.square()
-            curvature = torch.exp(squared * -0.5) * (2 - squared)
-            back_curvatures.append(over_chunks(lambda chunk: chunk.backs[m]) * curvature * _INV_SQRT_2PI)
-        if norm:  # <scaled, normed> per token
-            scaled_normed = _row_dot(over_chunks(lambda chunk: chunk.norm[6]).flatten(0, 1),
-                                     over_chunks(lambda chunk: chunk.norm[1]).flatten(0, 1)).unflatten(0, (num_chunks, -1))
-
-        # per-chunk views, made once for all chunks (unbind: one call each)
-        lam_list, lam_weights, lam_views = lams.unbind(0), lams[:, :, 0].unbind(0), layout.views(lams)
-        lam_rows = {name: [t.unbind(0) for t in lam_views[name].unbind(2)] for name in names}
-        lam_rows_t = {name: [t.transpose(-1, -2).unbind(0) for t in lam_views[name].unbind(2)] for name in names[1:]}
-        lam_scales = lam_views[network.scale_name].unbind(0) if norm else None
-        transposed_transitions = transitions.transpose(2, 3).unbind(1)
-        chunk_tws = token_weights.unbind(1)
-        start_grads = grad_start_weights.unbind(0) if grad_start_weights is not None else None
-        slopes = [t.unbind(0) for t in slopes]
-        back_curvatures = [t.unbind(0) for t in back_curvatures]
-        weighted_delta_rows = [[t.unbind(2) for t in w.unbind(0)] for w in weighted_deltas]
-        scaled_normed = scaled_normed.unbind(0) if norm else None
-
-        for j in range(num_chunks - 1, -1, -1):
-            chunk = chunks[j]
-            acts, deltas, matrices = chunk.acts, chunk.deltas, chunk.matrices
-            tw = chunk_tws[j]
-            # gradients of the sums with respect to each delta, and to each hidden activation
-            grad_deltas = [_by_rows(w.unbind(2), [rows[j] for rows in lam_rows[name]])
-                           for w, name in zip(chunk.weighted, names)]
-            grad_acts = [None] + [_by_rows(weighted_delta_rows[m][j], [rows[j] for rows in lam_rows_t[names[m]]])
-                                  for m in range(1, len(matrices))]
-            # through delta_m = gelu'(z_m) * (delta_{m+1} W_{m+1}^T), bottom up
-            grad_matrices, grad_z = [None] * len(matrices), [None] * len(matrices)
-            for m in range(last):
-                back_grad = grad_deltas[m] * slopes[m][j]
-                grad_deltas[m + 1] = torch.baddbmm(grad_deltas[m + 1], back_grad, matrices[m + 1])
-                grad_matrices[m + 1] = torch.bmm(back_grad.transpose(1, 2), deltas[m + 1])
-            top = grad_deltas[last]
-            if norm:
-                z, normed, mean, rstd, scale, residual, scaled = chunk.norm
-                grad_products = torch.bmm(tw, lam_scales[j])  # d/d(residual * normed)
-                grad_scaled = _layer_norm_backward(top, z, mean, rstd)
-                grad_residual = torch.addcmul(grad_scaled * scale, grad_products, normed)
-                grad_scale = torch.addcmul(grad_scaled * residual, grad_residual, normed, value=inv_sqrt).sum(1)
-                # the normed output's gradient: the forward path, the sums, and LN' depending on z
-                second = torch.addcmul(top * scaled_normed[j], scaled, _row_dot(top, normed))
-                grad_normed = torch.addcmul(torch.addcmul(grad_products * residual, grad_residual, scale, value=inv_sqrt),
-                                            second, rstd, value=-1 / dim)
-                grad_z[last] = torch.addcmul(_layer_norm_backward(grad_normed, z, mean, rstd), normed,
-                                             _row_dot(top, deltas[last]) * rstd, value=-1 / dim)
+        weighted_keys, pre, acts, backs, deltas, weighted_acts, norm = ctx.saved
+        names, scale_name, layout = network.matrix_names, network.scale_name, network.layout
+        batch, num_chunks, chunk_size, dim = keys.shape
+        depth, rows, last = len(names), token_weights.shape[-1], len(names) - 1
+        hidden = layout.shapes[layout.names.index(names[0])][-1]
+        with _small_gelu_kernels(keys, batch * chunk_size * hidden):
+            # lams[j]: the adjoint of states[j], all in one buffer written in place; it starts as the
+            # reads' gradients (row 0 of every state a chunk starts from) and the final state's
+            lams = torch.empty_like(states)  # every entry written once below (no zero-fill pass first)
+            if grad_start_weights is None:
+                lams[:-1, :, 0].zero_()
             else:
-                grad_residual = grad_z[last] = top
-            grad_residuals[j] = grad_residual
-            # down the network: z_m = a_m W_m, a_{m+1} = gelu(z_m)
-            for m in range(last, -1, -1):
-                if m < last:  # and delta_m = gelu'(z_m) * back_m
-                    grad_z[m] = torch.addcmul(grad_acts[m + 1] * slopes[m][j], grad_deltas[m], back_curvatures[m][j])
-                if grad_matrices[m] is None:
-                    grad_matrices[m] = torch.bmm(acts[m].transpose(1, 2), grad_z[m])
-                else:
-                    grad_matrices[m] = torch.baddbmm(grad_matrices[m], acts[m].transpose(1, 2), grad_z[m])
-                if m:
-                    grad_acts[m] = torch.baddbmm(grad_acts[m], grad_z[m], matrices[m].transpose(1, 2))
-            grad_z0[j] = grad_z[0]
-            grads = dict(zip(names, grad_matrices))
-            if norm:
-                grads[network.scale_name] = grad_scale
-            # the adjoint before chunk j, T_j^T lam_j + the chunk's weight gradients (and the reads'),
-            # into the buffer; before the first chunk, the state's gradient
-            adjoint = torch.bmm(transposed_transitions[j], lam_list[j], out=lam_list[j - 1] if j else None)
-            weights_row = lam_weights[j - 1] if j else adjoint[:, 0]
-            weights_row.add_(torch.cat([grads[name].flatten(1) for name in layout.names], dim=-1))
-            if start_grads is not None:
-                weights_row.add_(start_grads[j])
+                lams[:-1, :, 0] = grad_start_weights
+            lams[:-1, :, 1:].zero_()
+            if grad_final is None:
+                lams[-1].zero_()
+            else:
+                lams[-1] = grad_final
 
-        # what the recurrence does not need, for all chunks at once (chunk and batch flattened,
-        # chunk-major as the buffers `states` and `lams` (N, B, k, P))
-        batch, _, chunk_size, rows = token_weights.shape
-        flat = lambda t: t.flatten(0, 1)  # noqa: E731
-        states = ctx.states[:-1]
-        grad_transitions = torch.bmm(flat(lams), flat(states).transpose(1, 2)).view(num_chunks, batch, rows, rows)
-        lam_params = {name: flat(t) for name, t in lam_views.items()}
-        first_weights = flat(layout.views(states[:, :, 0])[names[0]])
-        grad_tw = 0
-        for m, name in enumerate(names):
-            inputs = flat(keys.transpose(0, 1) if m == 0 else over_chunks(lambda chunk: chunk.acts[m]))
-            deltas = flat(all_deltas[m])
-            per_row = [_row_dot(torch.bmm(inputs, lam_params[name][:, row]), deltas) for row in range(rows)]
-            grad_tw = grad_tw + torch.cat(per_row, dim=-1)
-        if norm:
-            products = flat(over_chunks(lambda chunk: chunk.norm[5] * chunk.norm[1]))  # residual * normed
-            grad_tw = grad_tw + torch.bmm(products, lam_params[network.scale_name].transpose(1, 2))
-        grad_keys = _by_rows(flat(weighted_deltas[0]).unbind(2),
-                             [t.transpose(1, 2) for t in lam_params[names[0]].unbind(1)])
-        grad_keys = torch.baddbmm(grad_keys, flat(torch.stack(grad_z0)), first_weights.transpose(1, 2))
-        return (None, adjoint, grad_keys.view(num_chunks, batch, *keys.shape[2:]).transpose(0, 1),
+            # what depends on the forward pass alone, for all chunks at once (chunk-major: (N, B, ...))
+            chunk_weights = token_weights.transpose(0, 1)  # (N, B, c, k)
+            row_weights = chunk_weights.permute(3, 0, 1, 2).unsqueeze(-1)  # (k, N, B, c, 1)
+            stacked = lambda t: t if torch.is_tensor(t) else torch.stack(t)  # noqa: E731  (buffers, or lists of chunks)
+            all_deltas = [stacked(d) for d in deltas]
+            delta_chunks = [d.unbind(0) for d in all_deltas]
+            # w_r * delta_m for the hidden activations' gradients, row-major so that every row is
+            # contiguous: (k, N, B, c, d_out)
+            weighted_deltas = [None] + [d * row_weights for d in all_deltas[1:]]
+            slopes, back_curvatures = [], []
+            for m in range(last):
+                z = pre[m]
+                slopes.append(_gelu_backward(torch.ones_like(z), z).unbind(0))  # gelu'(z_m)
+                # d delta_m / d z_m = back_m * gelu''(z_m), gelu''(z) = exp(-z^2 / 2) (2 - z^2) / sqrt(2 pi)
+                squared = z.square()
+                curvature = torch.exp(squared * -0.5).mul_((2 - squared) * _INV_SQRT_2PI)
+                back_curvatures.append(curvature.mul_(backs[m]).unbind(0))
+            if scale_name is not None:
+                z_last, normed, mean, rstd, residual, scaled = (stacked(t) for t in norm)
+                # per token: <e s, n> and rstd fold into two factors; <grad, n> and <grad, rstd delta>
+                # come out of one batched matmul with [n, rstd delta] stacked
+                factor = rstd * (-1 / dim)
+                normed_scaled = (scaled * normed).sum(-1, keepdim=True).mul_(factor).unbind(0)  # -(rstd / d) <e s, n>
+                scaled_rstd = (scaled * factor).unbind(0)  # -(rstd / d) e s
+                dot_with = torch.stack((normed, rstd * all_deltas[last]), dim=-1).flatten(1, 2).unbind(0)  # (B c, d, 2)
+                norm_chunks = [t.unbind(0) for t in (z_last, normed, mean, rstd, residual, scaled)]
+                # the norm's scale per chunk, spread over the chunk's tokens (no broadcasting in the loop)
+                token_scales = layout.views(states[:-1, :, 0])[scale_name].unsqueeze(2).expand(-1, -1, chunk_size, -1)
+                scales, branch_scales = token_scales.contiguous().unbind(0), (token_scales * dim**-0.5).unbind(0)
+                lam_scales = layout.views(lams[1:])[scale_name].unbind(0)  # (B, k, d)
+                chunk_tws = chunk_weights.unbind(0)
+
+            # per-chunk views, made once for all chunks (unbind: one call each)
+            weights = layout.views(states[:-1, :, 0])
+            matrices = [weights[name].unbind(0) for name in names]
+            transposed = [weights[name].transpose(-1, -2).unbind(0) for name in names]
+            lam_views = layout.views(lams[1:])  # the adjoint after each chunk, {name: (N, B, k, *shape)}
+            lam_rows = _rows({name: lam_views[name] for name in names})
+            lam_rows_t = _rows({name: lam_views[name] for name in names[1:]}, transpose=True)
+            weighted_key_rows = list(zip(*(t.unbind(0) for t in weighted_keys.unbind(3))))
+            weighted_act_rows = [[w.unbind(2) for w in layer] for layer in weighted_acts]
+            weighted_delta_rows = [None] + [list(zip(*(t.unbind(0) for t in w.unbind(0)))) for w in weighted_deltas[1:]]
+            key_chunks = keys.transpose(0, 1).unbind(0)
+            lam_list, lam_weights = lams[:-1].unbind(0), lams[:-1, :, 0].unbind(0)
+            next_lams = lams[1:].unbind(0)
+            transposed_transitions = transitions.transpose(0, 1).transpose(2, 3).unbind(0)
+            order = _part_order(network)
+            grad_residuals, grad_z0 = [None] * num_chunks, [None] * num_chunks
+
+            for j in range(num_chunks - 1, -1, -1):
+                grads = [None] * len(order)  # the chunk's weight gradients, in `names` order, then the scale
+                # gradients of the sums with respect to each delta, and to each hidden activation
+                grad_deltas = [_by_rows(weighted_key_rows[j], lam_rows[names[0]][j])]
+                grad_deltas += [_by_rows(weighted_act_rows[m - 1][j], lam_rows[names[m]][j]) for m in range(1, depth)]
+                grad_acts = [None] + [_by_rows(weighted_delta_rows[m][j], lam_rows_t[names[m]][j])
+                                      for m in range(1, depth)]
+                # through delta_m = gelu'(z_m) * (delta_{m+1} W_{m+1}^T), bottom up
+                for m in range(last):
+                    back_grad = grad_deltas[m] * slopes[m][j]
+                    grad_deltas[m + 1] = torch.baddbmm(grad_deltas[m + 1], back_grad, matrices[m + 1][j])
+                    grads[m + 1] = torch.bmm(back_grad.transpose(1, 2), delta_chunks[m + 1][j])
+                top = grad_deltas[last]
+                if scale_name is None:
+                    grad_residual = grad_z = top
+                else:
+                    z, n, mu, rs, e, _ = (t[j] for t in norm_chunks)  # z_{L-1}, LN(z), its mean and rstd, e
+                    grad_products = torch.bmm(chunk_tws[j], lam_scales[j])  # d/d(e * n)
+                    grad_scaled = _layer_norm_backward(top, z, mu, rs)  # d/d(e * s)
+                    grad_residual = torch.addcmul(grad_scaled * scales[j], grad_products, n)
+                    grads[depth] = torch.addcmul(grad_scaled * e, grad_residual, n, value=dim**-0.5).sum(1)
+                    dots = torch.bmm(top.view(-1, 1, dim), dot_with[j]).view(batch, chunk_size, 2)  # <top, n>, <top, rstd delta>
+                    # the normed output's gradient: the sums, the residual, and LN' depending on z
+                    grad_normed = torch.addcmul(top * normed_scaled[j], scaled_rstd[j], dots[..., :1])
+                    grad_normed = torch.addcmul(torch.addcmul(grad_normed, grad_products, e), grad_residual, branch_scales[j])
+                    grad_z = torch.addcmul(_layer_norm_backward(grad_normed, z, mu, rs), n, dots[..., 1:], value=-1 / dim)
+                grad_residuals[j] = grad_residual
+                # down the network: z_m = a_m W_m, a_{m+1} = gelu(z_m)
+                for m in range(last, -1, -1):
+                    if m < last:  # and delta_m = gelu'(z_m) * back_m
+                        grad_z = torch.addcmul(grad_acts[m + 1] * slopes[m][j], grad_deltas[m], back_curvatures[m][j])
+                    inputs = acts[m - 1][j] if m else key_chunks[j]
+                    if grads[m] is None:
+                        grads[m] = torch.bmm(inputs.transpose(1, 2), grad_z)
+                    else:
+                        grads[m] = torch.baddbmm(grads[m], inputs.transpose(1, 2), grad_z)
+                    if m:
+                        grad_acts[m] = torch.baddbmm(grad_acts[m], grad_z, transposed[m][j])
+                grad_z0[j] = grad_z
+                # the adjoint before chunk j: T_j^T lam_{j+1} + the chunk's weight gradients (and the
+                # reads', already there)
+                lam_list[j].baddbmm_(transposed_transitions[j], next_lams[j])
+                lam_weights[j].add_(torch.cat([grads[i].flatten(1) for i in order], dim=-1))
+
+            # what the recurrence does not need, for all chunks at once (chunk and batch flattened,
+            # chunk-major as the buffers `states` and `lams` (N, B, k, P))
+            flat = lambda t: t.flatten(0, 1)  # noqa: E731
+            grad_transitions = torch.bmm(flat(lams[1:]), flat(states[:-1]).transpose(1, 2))
+            lam_params = {name: flat(t) for name, t in lam_views.items()}
+            flat_weights = flat(chunk_weights)  # (N B, c, k)
+            grad_tw, key_rows = [], []
+            for m, name in enumerate(names):  # d/dw_ir = sum_m <a_m,i Lambda_m,r, delta_m,i>, contracted on the narrow side
+                inputs = flat(keys.transpose(0, 1) if m == 0 else torch.stack(acts[m - 1]))
+                layer_deltas = flat(all_deltas[m])
+                for row in range(rows):
+                    lam = lam_params[name][:, row]
+                    if lam.shape[-2] <= lam.shape[-1]:  # delta Lambda^T (N B, c, d_in); for the keys, reused below
+                        back = torch.bmm(layer_deltas, lam.transpose(1, 2))
+                        if m == 0:
+                            key_rows.append(back)
+                        grad_tw.append(_row_dot(inputs, back))
+                    else:
+                        grad_tw.append(_row_dot(torch.bmm(inputs, lam), layer_deltas))
+            grad_tw = torch.cat(grad_tw, dim=-1).view(-1, chunk_size, depth, rows).sum(2)
+            if scale_name is not None:
+                grad_tw = grad_tw + torch.bmm(flat(residual * normed), lam_params[scale_name].transpose(1, 2))
+            # the keys: the first matrix's input in the sums (sum_r w_r delta_0 Lambda_0,r^T) and in the forward
+            grad_keys = torch.bmm(flat(torch.stack(grad_z0)), flat(weights[names[0]]).transpose(1, 2))
+            for row in range(rows):
+                back = key_rows[row] if key_rows else torch.bmm(flat(all_deltas[0]), lam_params[names[0]][:, row].transpose(1, 2))
+                grad_keys.addcmul_(back, flat_weights[..., row : row + 1])
+        return (None, lams[0], grad_keys.view(num_chunks, batch, chunk_size, dim).transpose(0, 1),
                 torch.stack(grad_residuals, dim=1), grad_tw.view(num_chunks, batch, chunk_size, rows).transpose(0, 1),
-                grad_transitions.transpose(0, 1))
+                grad_transitions.view(num_chunks, batch, rows, rows).transpose(0, 1))
