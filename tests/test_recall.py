@@ -144,3 +144,31 @@ def test_store_input_control_stores_the_layer_input(float64):
     for index in range(len(model.layers)):
         stored = torch.cat(seen[("stored", index)], dim=1)
         torch.testing.assert_close(stored, seen[("x", index)][0], atol=1e-12, rtol=0)
+
+
+def test_bare_builds_the_library_defaults_and_trains_at_a_constant_rate(monkeypatch):
+    import titans_pytorch
+
+    recall = load_benchmark()
+    args = recall.parse_args(["--bare", "--dim", "16", "--depth", "1", "--window", "4", "--steps", "3", "--lr", "0.01",
+                              "--batch", "2", "--log-every", "1", "--heads", "2", "--persist", "3", "--chunk", "2"])
+    task = recall.RecallTask(num_filler=8, num_keys=4, num_values=4, pairs=2, seq_len=32)
+    torch.manual_seed(0)
+    model = recall.build_model("mac", args, task)
+    torch.manual_seed(0)
+    expected = titans_pytorch.MemoryAsContextTransformer(num_tokens=task.num_tokens, dim=16, depth=1, segment_len=4)
+    # the attention and memory flags are ignored: same parameters as the bare constructor call
+    assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in expected.named_parameters()}
+    window = recall.build_model("window", args, task)
+    assert all(m.memory is None for m in window.modules() if hasattr(m, "memory"))
+    rates, clipped = [], []
+    step = torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clipped.append(1))
+    recall.train(model, task, args, 0.01)
+    assert rates == [0.01] * 3 and not clipped
