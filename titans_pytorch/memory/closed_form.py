@@ -67,20 +67,12 @@ class ClosedFormNetwork:
         matrices = tuple(f"{prefix}weights.{index}" for index in range(len(mlp.weights)))
         return cls(FlatLayout.of(model), matrices, "norm_scale" if residual_norm else None)
 
-    def forward(self, weights, x, offset=None):
+    def forward(self, weights, x):
         """x `(B, n, d)` read at weights `(B, P)` -> output `(B, n, d)` and what the backward needs.
-
-        With `offset`, the network's own input term (the residual's `x`; none for a plain MLP) is
-        replaced by `offset`: the fused loop passes `k - v` or `-v` and gets `M(k) - v` directly.
-        """
+        (`fused.py` runs the same layers chunk by chunk, writing into its own buffers.)"""
         params = self.layout.views(weights)
-        scale = params[self.scale_name][:, None] if self.scale_name is not None else None
-        return self.forward_views([params[name] for name in self.matrix_names], scale, x, offset)
-
-    def forward_views(self, matrices, scale, x, offset=None):
-        """`forward` with the weights already split: matrices `(B, d_in, d_out)` each, and the
-        norm's scale `(B, 1, d)` (None without a norm)."""
         inputs, hidden, h = [], [], x
+        matrices = [params[name] for name in self.matrix_names]
         for index, matrix in enumerate(matrices):
             if index:
                 hidden.append(h)
@@ -88,10 +80,11 @@ class ClosedFormNetwork:
             inputs.append(h)
             h = torch.bmm(h, matrix)
         if self.scale_name is None:
-            return (h if offset is None else h + offset), _Saved(matrices, inputs, hidden, None)
+            return h, _Saved(matrices, inputs, hidden, None)
         dim = x.shape[-1]
+        scale = params[self.scale_name][:, None]
         normed, mean, rstd = torch.native_layer_norm(h, (dim,), None, None, LAYER_NORM_EPS)
-        out = torch.addcmul(x if offset is None else offset, normed, scale, value=dim**-0.5)
+        out = torch.addcmul(x, normed, scale, value=dim**-0.5)
         return out, _Saved(matrices, inputs, hidden, (h, normed, mean, rstd, scale))
 
     def read(self, weights, x):

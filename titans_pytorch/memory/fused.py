@@ -53,13 +53,20 @@ def _layer_norm_backward(grad, z, mean, rstd):
     return _layer_norm_backward_op(grad, z, (z.shape[-1],), mean, rstd, None, None, _NO_AFFINE)[0]
 
 
+def _widths(network):
+    """Each matrix's output width, in `matrix_names` order."""
+    layout = network.layout
+    return [layout.shapes[layout.names.index(name)][-1] for name in network.matrix_names]
+
+
 @contextmanager
-def _small_gelu_kernels(tensor, elements):
-    """On a CPU, aten's own GELU kernels while a chunk's hidden activations are small (oneDNN's setup
-    would dominate them). oneDNN's switch is process-wide; it is restored on exit, and what runs
-    meanwhile only picks other kernels for the same results. Under `torch.compile` nothing is
-    switched (the compiler picks its own kernels)."""
-    if (torch.compiler.is_compiling() or tensor.device.type != "cpu" or elements >= _ONEDNN_MIN_ELEMENTS
+def _small_gelu_kernels(network, keys):
+    """On a CPU, aten's own GELU kernels while a chunk's hidden activations (keys `(B, N, c, d)`)
+    are small (oneDNN's setup would dominate them). oneDNN's switch is process-wide; it is restored
+    on exit, and what runs meanwhile only picks other kernels for the same results. Under
+    `torch.compile` nothing is switched (the compiler picks its own kernels)."""
+    elements = keys.shape[0] * keys.shape[2] * _widths(network)[0]
+    if (torch.compiler.is_compiling() or keys.device.type != "cpu" or elements >= _ONEDNN_MIN_ELEMENTS
             or not torch.backends.mkldnn.enabled):
         yield
         return
@@ -114,8 +121,7 @@ class FusedChunkLoop(torch.autograd.Function):
         names, scale_name, layout = network.matrix_names, network.scale_name, network.layout
         batch, num_chunks, chunk_size, dim = keys.shape
         depth, rows = len(names), token_weights.shape[-1]
-        hidden = layout.shapes[layout.names.index(names[0])][-1]
-        with _small_gelu_kernels(keys, batch * chunk_size * hidden):
+        with _small_gelu_kernels(network, keys):
             # every chunk's state in one buffer, written in place: no state-sized temporaries per
             # chunk and no stacking afterwards (the states are kept for the backward anyway)
             states = state.new_empty(num_chunks + 1, *state.shape)
@@ -142,7 +148,7 @@ class FusedChunkLoop(torch.autograd.Function):
             # saved for the backward, chunk-major buffers written in place where an op has an `out=`
             # (no stacking in the backward): GELU inputs z_m, delta_m W_m^T, deltas, z_{L-1}, and with
             # the norm e and e * s; lists for the rest (GELU outputs, token-weighted activations, the norm's n, mean, rstd)
-            widths = [layout.shapes[layout.names.index(name)][-1] for name in names]  # each matrix's output width
+            widths = _widths(network)
             buffer = lambda width: keys.new_empty(num_chunks, batch, chunk_size, width)  # noqa: E731
             pre, backs, deltas = [buffer(w) for w in widths[:-1]], [buffer(w) for w in widths[:-1]], [buffer(w) for w in widths[:-1]]
             z_last = buffer(dim)
@@ -158,6 +164,7 @@ class FusedChunkLoop(torch.autograd.Function):
                 norm = [[], [], []]  # n, mean, rstd
                 last_deltas = []
             for j in range(num_chunks):
+                # the network on the keys, as `ClosedFormNetwork.forward`, into the buffers
                 h = chunk_keys[j]
                 layer_acts = []
                 for m in range(depth):
@@ -212,8 +219,7 @@ class FusedChunkLoop(torch.autograd.Function):
         names, scale_name, layout = network.matrix_names, network.scale_name, network.layout
         batch, num_chunks, chunk_size, dim = keys.shape
         depth, rows, last = len(names), token_weights.shape[-1], len(names) - 1
-        hidden = layout.shapes[layout.names.index(names[0])][-1]
-        with _small_gelu_kernels(keys, batch * chunk_size * hidden):
+        with _small_gelu_kernels(network, keys):
             # lams[j]: the adjoint of states[j], all in one buffer written in place; it starts as the
             # reads' gradients (row 0 of every state a chunk starts from) and the final state's
             lams = torch.empty_like(states)  # every entry written once below (no zero-fill pass first)
@@ -226,6 +232,9 @@ class FusedChunkLoop(torch.autograd.Function):
                 lams[-1].zero_()
             else:
                 lams[-1] = grad_final
+
+            weights = layout.views(states[:-1, :, 0])  # what each chunk read at, {name: (N, B, *shape)}
+            lam_views = layout.views(lams[1:])  # the adjoint after each chunk, {name: (N, B, k, *shape)}
 
             # what depends on the forward pass alone, for all chunks at once (chunk-major: (N, B, ...))
             chunk_weights = token_weights.transpose(0, 1)  # (N, B, c, k)
@@ -254,16 +263,14 @@ class FusedChunkLoop(torch.autograd.Function):
                 dot_with = torch.stack((normed, rstd * all_deltas[last]), dim=-1).flatten(1, 2).unbind(0)  # (B c, d, 2)
                 norm_chunks = [t.unbind(0) for t in (z_last, normed, mean, rstd, residual, scaled)]
                 # the norm's scale per chunk, spread over the chunk's tokens (no broadcasting in the loop)
-                token_scales = layout.views(states[:-1, :, 0])[scale_name].unsqueeze(2).expand(-1, -1, chunk_size, -1)
+                token_scales = weights[scale_name].unsqueeze(2).expand(-1, -1, chunk_size, -1)
                 scales, branch_scales = token_scales.contiguous().unbind(0), (token_scales * dim**-0.5).unbind(0)
-                lam_scales = layout.views(lams[1:])[scale_name].unbind(0)  # (B, k, d)
+                lam_scales = lam_views[scale_name].unbind(0)  # (B, k, d)
                 chunk_tws = chunk_weights.unbind(0)
 
             # per-chunk views, made once for all chunks (unbind: one call each)
-            weights = layout.views(states[:-1, :, 0])
             matrices = [weights[name].unbind(0) for name in names]
             transposed = [weights[name].transpose(-1, -2).unbind(0) for name in names]
-            lam_views = layout.views(lams[1:])  # the adjoint after each chunk, {name: (N, B, k, *shape)}
             lam_rows = _rows({name: lam_views[name] for name in names})
             lam_rows_t = _rows({name: lam_views[name] for name in names[1:]}, transpose=True)
             weighted_key_rows = list(zip(*(t.unbind(0) for t in weighted_keys.unbind(3))))
