@@ -46,8 +46,8 @@ for _ in range({repeats}):
     times.append(time.perf_counter() - start)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
 import titans_pytorch
-print(json.dumps(dict(seconds=statistics.median(times), faults=statistics.median(faults), params=sum(p.numel() for p in model.parameters()),
-                      package=titans_pytorch.__file__)))
+print(json.dumps(dict(seconds=statistics.median(times), faults=statistics.median(faults),
+                      params=sum(p.numel() for p in model.parameters()), package=titans_pytorch.__file__)))
 """
 
 OURS = """
