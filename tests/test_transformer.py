@@ -3,6 +3,7 @@ equal to the uncached forward, flat decoding cost, gradients everywhere, errors.
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from titans_pytorch import MemoryAsContextTransformer, MemoryAsGateTransformer, MemoryAsLayerTransformer, MemoryTransformer
 
@@ -102,6 +103,39 @@ def test_decoding_state_does_not_grow_with_context(name):
             if t + 1 in (8, 64):
                 sizes[t + 1] = cache_numel(cache)
     assert sizes[8] == sizes[64] > 0
+
+
+class ElementsWritten(TorchDispatchMode):
+    """Counts the elements the aten compute ops dispatched inside it write (views move no data)."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in out if isinstance(out, (list, tuple)) else (out,):
+                if torch.is_tensor(t):
+                    self.elements += t.numel()
+        return out
+
+
+def elements_per_token(model, length):
+    ids = torch.randint(0, NUM_TOKENS, (1, length + 1))
+    model.zero_grad(set_to_none=True)
+    with ElementsWritten() as counter:
+        model(ids, return_loss=True).backward()
+    return counter.elements / length
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_training_step_work_is_linear_in_length(name):
+    # elements written per token, forward and backward: flat in the sequence length, so nothing
+    # per segment touches the whole sequence (a slice per segment does, in its backward)
+    model = build(name)
+    short, long = elements_per_token(model, 16 * SEGMENT), elements_per_token(model, 64 * SEGMENT)
+    assert long < 1.1 * short, f"{long:.0f} elements written per token at 4x the length, {short:.0f} before"
 
 
 @pytest.mark.parametrize("name", BUILDERS)

@@ -38,6 +38,13 @@ def segment_pieces(position: int, length: int, segment_len: int):
         start = end
 
 
+def split_pieces(pieces, tensor, dim: int):
+    """`tensor` cut along `dim` into `pieces` ((start, end) from `segment_pieces`), by one split:
+    autograd joins the pieces' gradients once, where a slice per piece would write a full-size
+    zero tensor per piece (cost quadratic in the sequence length)."""
+    return tensor.split([end - start for start, end in pieces], dim=dim)
+
+
 class SwiGLU(nn.Module):
     """Pre-RMSNorm SwiGLU feed-forward: `(b, n, dim) -> (b, n, dim)`."""
 
@@ -160,10 +167,11 @@ class LocalAttention(nn.Module):
         batch, length = x.shape[:2]
         cache = cache if cache is not None else self.empty_cache(batch, x.device, x.dtype)
         q, k, v, normed = self.project(x, position)
+        pieces = list(segment_pieces(position, length, self.segment_len))
+        q, k, v = (split_pieces(pieces, t, dim=2) for t in (q, k, v))
         outputs = []
-        for start, end in segment_pieces(position, length, self.segment_len):
+        for index, (start, _) in enumerate(pieces):
             prefix = self.prefix_keys_values(None, position + start, batch)
-            piece = slice(start, end)
-            out, cache = self.attend(q[:, :, piece], k[:, :, piece], v[:, :, piece], position + start, cache, prefix)
+            out, cache = self.attend(q[index], k[index], v[index], position + start, cache, prefix)
             outputs.append(out)
         return self.to_out(torch.cat(outputs, dim=2), normed), cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import LocalAttention, segment_pieces
+from .attention import LocalAttention, segment_pieces, split_pieces
 from .checks import check_non_negative_ints, check_positive_ints
 from .neural_memory import NeuralMemory
 from .transformer import MemoryGate, MixerCache, TitansTransformer, build_memories
@@ -72,16 +72,22 @@ class MemoryAsContextMixer(nn.Module):
         batch, length = x.shape[:2]
         attn_cache, memory_state, prefix, segment_memory = cache.attention, cache.memory, cache.prefix, cache.segment_memory
         q, k, v, normed = self.attention.project(x, position)
+        # every per-token tensor cut into the pieces once (one split each, not a slice per piece)
+        pieces = list(segment_pieces(position, length, self.segment_len))
+        split = lambda t, dim=1: split_pieces(pieces, t, dim)  # noqa: E731
+        q, k, v = split(q, 2), split(k, 2), split(v, 2)
+        x_pieces, normed = split(x), split(normed)
         if self.memory is not None:
             # the memory's read queries of every token and of the long-term query tokens, projected once
             read_x, read_queries = self.memory.read_queries(x)
+            read_x, read_queries = split(read_x), split(read_queries, 2)
             if self.longterm_queries is not None:
                 longterm_x, longterm_queries = self.memory.read_queries(self.longterm_queries.to(x.dtype).expand(batch, -1, -1))
         outputs = []
-        for start, end in segment_pieces(position, length, self.segment_len):
-            piece_position, piece = position + start, slice(start, end)
+        for index, (start, end) in enumerate(pieces):
+            piece_position = position + start
             new_segment = prefix is None or piece_position % self.segment_len == 0
-            keys, values = k[:, :, piece], v[:, :, piece]
+            keys, values = k[index], v[index]
             if self.memory is None:
                 if new_segment:
                     prefix = self.attention.prefix_keys_values(None, piece_position, batch)
@@ -90,7 +96,7 @@ class MemoryAsContextMixer(nn.Module):
                     segment_memory = memory_state  # M_{s-1}
                 # one read at M_{s-1}: h_t = M_{s-1}(q_t) for the piece's tokens and, at a segment's
                 # start, the long-term tokens
-                reads_x, reads_queries = read_x[:, piece], read_queries[:, :, piece]
+                reads_x, reads_queries = read_x[index], read_queries[index]
                 longterm = new_segment and self.longterm_queries is not None
                 if longterm:
                     reads_x = torch.cat((longterm_x, reads_x), dim=1)
@@ -105,14 +111,15 @@ class MemoryAsContextMixer(nn.Module):
                 retrieved_keys, retrieved_values = self.attention.keys_values(retrieved, positions)
                 keys = torch.stack((retrieved_keys, keys), dim=3).flatten(2, 3)
                 values = torch.stack((retrieved_values, values), dim=3).flatten(2, 3)
-            y, attn_cache = self.attention.attend(q[:, :, piece], keys, values, piece_position, attn_cache, prefix)
-            y = self.attention.to_out(y, normed[:, piece])
+            y, attn_cache = self.attention.attend(q[index], keys, values, piece_position, attn_cache, prefix)
+            y = self.attention.to_out(y, normed[index])
             if self.memory is not None:
                 # the attention layer's output in the residual stream, x_t + Attn_t, is what the
                 # memory stores and reads (the paper's y_t; see the class docstring)
-                attended = x[:, piece] + y
+                attended = x_pieces[index] + y
                 # ... addressed by the tokens: keys and queries from x (as h_t's queries), values from y
-                memory_read, memory_state = self.memory(attended, state=memory_state, return_state=True, key_seq=x[:, piece])
+                memory_read, memory_state = self.memory(attended, state=memory_state, return_state=True,
+                                                        key_seq=x_pieces[index])
                 y = self.gate(y, memory_read)
             outputs.append(y)
         return torch.cat(outputs, dim=1), MixerCache(attn_cache, memory_state, prefix, segment_memory)
