@@ -1,16 +1,24 @@
-"""Titans language-model timings (MAC by default): training step of the train_mac.py-sized
-model, and decoding cost per token against context length.
+"""Titans language-model timings (MAC by default): what one segment costs the host at a tiny
+size, the training step of the train_mac.py-sized model, and decoding cost per token against
+context length.
 
     python benchmarks/bench_mac.py --threads 2
     python benchmarks/bench_mac.py --threads 2 --model lmm --skip-train
+    python benchmarks/bench_mac.py --only-segment      # just the per-segment host cost, every model
+
+The per-segment table is the day-to-day measure of the GPU's wait on Python: at the tiny size
+(dim 32, 8 attention heads of 4, memory of 4 heads of 8, the base preset's depth, segment 32,
+chunk 4 and memory layers) arithmetic is negligible, so what a segment costs is the host's work:
+the aten compute ops it dispatches, forward and backward, and the CPU time they take.
 """
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
-from bench_memory import device_name, median_time  # the sibling script's timing helpers
+from bench_memory import DispatchCounter, device_name, median_time, print_table  # the sibling script's helpers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train_mac import MODEL_CLASSES, PRESETS, build_model  # noqa: E402  (the trainer's models)
@@ -20,6 +28,56 @@ def train_model(device, name="mac", ff_mult=4.0):
     # train_mac.py's base preset, the peer's train_mac.py model: dim 384, depth 8, segment 32,
     # 8 heads of 64, neural memory on layers 2, 4, 6 with 4 heads of 64 and chunk 4
     return build_model(name, {**PRESETS["base"]["arch"], "ff_mult": ff_mult}).to(device)
+
+
+def tiny_model(name):
+    """The base preset's structure (depth, segment, chunk, memory layers, streams) at a tiny width."""
+    arch = {**PRESETS["base"]["arch"], "dim": 32, "dim_head": 4,
+            "neural_memory_kwargs": {**PRESETS["base"]["arch"]["neural_memory_kwargs"], "dim_head": 8}}
+    torch.manual_seed(0)
+    return build_model(name, arch)
+
+
+def per_segment_cost(name, segments=(2, 10), repeats=7):
+    """(forward ops, backward ops, host ms forward+backward) per segment of the tiny model, batch 1:
+    the difference between `segments[1]` and `segments[0]` segments, so per-call work cancels out.
+    Host time is the process's CPU time, the least of `repeats` runs of each length, run in turn."""
+    model = tiny_model(name)
+    segment_len = PRESETS["base"]["arch"]["segment_len"]
+    inputs = [torch.randint(0, 256, (1, n * segment_len + 1)) for n in segments]
+
+    def step(ids):
+        model.zero_grad(set_to_none=True)
+        model(ids, return_loss=True).backward()
+
+    counts = []
+    for ids in inputs:
+        step(ids)  # warm-up
+        model.zero_grad(set_to_none=True)
+        with DispatchCounter() as forward:
+            loss = model(ids, return_loss=True)
+        with DispatchCounter() as backward:
+            loss.backward()
+        counts.append((forward.compute, backward.compute))
+    times = [float("inf")] * len(inputs)
+    for _ in range(repeats):
+        for index, ids in enumerate(inputs):
+            start = time.process_time()
+            step(ids)
+            times[index] = min(times[index], time.process_time() - start)
+    span = segments[1] - segments[0]
+    return ((counts[1][0] - counts[0][0]) / span, (counts[1][1] - counts[0][1]) / span,
+            (times[1] - times[0]) / span * 1e3)
+
+
+def print_segment_cost(names):
+    rows = []
+    for name in names:
+        forward, backward, host = per_segment_cost(name)
+        rows.append((name, f"{forward:.0f}", f"{backward:.0f}", f"{forward + backward:.0f}", f"{host:.1f}"))
+    print("per segment of 32 tokens at the tiny size (dim 32, base preset's depth, memory layers and chunk, batch 1):"
+          " aten compute ops dispatched and host CPU time, forward+backward")
+    print_table(("model", "ops forward", "ops backward", "ops total", "host ms"), rows)
 
 
 def main():
@@ -33,10 +91,16 @@ def main():
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--model", choices=sorted(MODEL_CLASSES), default="mac")
     parser.add_argument("--ff-mult", type=float, default=4.0, help="5.0 matches the peer's 19.5M parameters")
+    parser.add_argument("--only-segment", action="store_true", help="only the per-segment host cost, every model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device: {device.type} ({device_name(device)}) | dtype: float32 | threads: {args.threads} | torch {torch.__version__}")
+
+    print()
+    print_segment_cost(("mac", "mag", "mal", "lmm", "window") if args.only_segment else (args.model,))
+    if args.only_segment:
+        return
 
     torch.manual_seed(0)
     model = train_model(device, args.model, args.ff_mult)

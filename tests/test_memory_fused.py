@@ -69,6 +69,29 @@ def test_module_gradients_equal_torch_func_path(float64, model_name):
         torch.testing.assert_close(fused, generic, atol=1e-10, rtol=0)
 
 
+def test_loops_chained_in_one_backward_pass_equal_torch_func_path(float64):
+    # memory as context runs one fused loop per segment; on a CPU the loops of one backward pass
+    # share one adjoint buffer, so chained calls of the same shape, and a second pass, must not mix
+    torch.manual_seed(0)
+    mem = NeuralMemory(8, chunk_size=3, heads=2, dim_head=4, model=MODELS["residual_norm"](4), max_lr=0.5)
+    seq = torch.randn(2, 18, 8, requires_grad=True)
+
+    def grads(network):
+        mem.network = network
+        state, outputs = None, []
+        for piece in seq.split(6, dim=1):  # three calls of two chunks each: the same buffer shape
+            out, state = mem(piece, state=state, return_state=True)
+            outputs.append(out)
+        loss = torch.cat(outputs, dim=1).square().sum() + state.flat.square().sum()
+        return torch.autograd.grad(loss, [seq, *mem.parameters()])
+
+    fused = mem.network
+    first, second, generic = grads(fused), grads(fused), grads(TorchFuncNetwork(mem.model))
+    for a, b, reference in zip(first, second, generic):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, reference, atol=1e-10, rtol=1e-9)
+
+
 @pytest.mark.cuda
 def test_fused_path_on_cuda_equals_cpu_float64():
     torch.manual_seed(0)

@@ -32,6 +32,7 @@ gradients against autograd through `closed_form.py`.
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -75,6 +76,36 @@ def _small_gelu_kernels(network, keys):
         yield
     finally:
         torch.backends.mkldnn.enabled = True
+
+
+_backward_pass = threading.local()  # the adjoint buffers of the backward pass running in this thread
+
+
+def _adjoint_buffer(states):
+    """An uninitialised buffer shaped like `states`, for the backward's adjoints.
+
+    On a CPU, one buffer per shape serves every fused loop of a backward pass (memory as context
+    runs one per segment and memory layer) and is released when the pass ends: a fresh buffer of
+    this size (tens of MB) comes straight from the kernel and page-faults in on every call, which
+    costs more than the loop's arithmetic. Elsewhere (CUDA's caching allocator reuses memory
+    already) and under `torch.compile`, a plain allocation."""
+    if states.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.empty_like(states)
+    buffers = getattr(_backward_pass, "buffers", None)
+    if buffers is None:
+        try:  # released by the autograd engine at the end of this backward pass
+            torch.autograd.Variable._execution_engine.queue_callback(_end_backward_pass)
+        except RuntimeError:  # not called by the engine (backward invoked by hand)
+            return torch.empty_like(states)
+        buffers = _backward_pass.buffers = {}
+    key = (tuple(states.shape), states.dtype)
+    if key not in buffers:
+        buffers[key] = torch.empty_like(states)
+    return buffers[key]
+
+
+def _end_backward_pass():
+    _backward_pass.buffers = None
 
 
 def _row_dot(x, y):
@@ -222,7 +253,8 @@ class FusedChunkLoop(torch.autograd.Function):
         with _small_gelu_kernels(network, keys):
             # lams[j]: the adjoint of states[j], all in one buffer written in place; it starts as the
             # reads' gradients (row 0 of every state a chunk starts from) and the final state's
-            lams = torch.empty_like(states)  # every entry written once below (no zero-fill pass first)
+            # every entry written once below (no zero-fill pass first); nothing returned is a view of it
+            lams = _adjoint_buffer(states)
             if grad_start_weights is None:
                 lams[:-1, :, 0].zero_()
             else:
@@ -354,6 +386,6 @@ class FusedChunkLoop(torch.autograd.Function):
             for row in range(rows):
                 back = key_rows[row] if key_rows else torch.bmm(flat(all_deltas[0]), lam_params[names[0]][:, row].transpose(1, 2))
                 grad_keys.addcmul_(back, flat_weights[..., row : row + 1])
-        return (None, lams[0], grad_keys.view(num_chunks, batch, chunk_size, dim).transpose(0, 1),
+        return (None, lams[0].clone(), grad_keys.view(num_chunks, batch, chunk_size, dim).transpose(0, 1),
                 torch.stack(grad_residuals, dim=1), grad_tw.view(num_chunks, batch, chunk_size, rows).transpose(0, 1),
                 grad_transitions.view(num_chunks, batch, rows, rows).transpose(0, 1))
