@@ -1,10 +1,13 @@
 """The fused chunk loop (`memory/fused.py`): its hand-written backward against autograd through the
 closed form it fuses, and end to end against the `torch.func` path."""
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dispatch import Created
 from titans_pytorch import LinearMemory, MemoryMLP, NeuralMemory, ResidualNormMemory
 from titans_pytorch.memory.chunking import sequential_states, update_terms
 from titans_pytorch.memory.closed_form import ClosedFormNetwork
@@ -90,6 +93,24 @@ def test_loops_chained_in_one_backward_pass_equal_torch_func_path(float64):
     for a, b, reference in zip(first, second, generic):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, reference, atol=1e-10, rtol=1e-9)
+
+
+def test_backward_frees_the_loops_buffers_and_retain_graph_keeps_them():
+    torch.manual_seed(0)
+    mem = NeuralMemory(8, chunk_size=2, heads=2, dim_head=4)
+    seq = torch.randn(2, 16, 8, requires_grad=True)
+    with Created() as created:
+        loss = mem(seq).square().sum()
+    loss.backward()
+    gc.collect()
+    # the loss is still alive (as a training loop's last loss is while the next step runs); what the
+    # forward made for the backward (every chunk's state, activations, ...) is not
+    alive = created.alive(loss)
+    assert not alive, f"{len(alive)} tensors of the forward pass still alive: {[tuple(t.shape) for t in alive]}"
+
+    loss = mem(seq).square().sum()
+    first = torch.autograd.grad(loss, seq, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(loss, seq)[0], first, atol=0, rtol=0)
 
 
 @pytest.mark.cuda

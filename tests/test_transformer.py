@@ -1,10 +1,12 @@
 """What every Titans language model (MAC, MAG, MAL, LMM) must do: causality, cached decoding
 equal to the uncached forward, flat decoding cost, gradients everywhere, errors."""
 
+import gc
+
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from dispatch import Created, ElementsWritten
 from titans_pytorch import MemoryAsContextTransformer, MemoryAsGateTransformer, MemoryAsLayerTransformer, MemoryTransformer
 
 NUM_TOKENS, SEGMENT = 32, 4
@@ -105,22 +107,6 @@ def test_decoding_state_does_not_grow_with_context(name):
     assert sizes[8] == sizes[64] > 0
 
 
-class ElementsWritten(TorchDispatchMode):
-    """Counts the elements the aten compute ops dispatched inside it write (views move no data)."""
-
-    def __init__(self):
-        super().__init__()
-        self.elements = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            for t in out if isinstance(out, (list, tuple)) else (out,):
-                if torch.is_tensor(t):
-                    self.elements += t.numel()
-        return out
-
-
 def elements_per_token(model, length):
     ids = torch.randint(0, NUM_TOKENS, (1, length + 1))
     model.zero_grad(set_to_none=True)
@@ -136,6 +122,20 @@ def test_training_step_work_is_linear_in_length(name):
     model = build(name)
     short, long = elements_per_token(model, 16 * SEGMENT), elements_per_token(model, 64 * SEGMENT)
     assert long < 1.1 * short, f"{long:.0f} elements written per token at 4x the length, {short:.0f} before"
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_backward_frees_what_the_forward_kept(name):
+    # a training loop's last loss is still alive while the next step runs: its graph must not hold
+    # the forward's buffers (the memory's chunk states, activations, ...) after the backward
+    model = build(name)
+    ids = torch.randint(0, NUM_TOKENS, (2, 4 * SEGMENT + 1))
+    with Created() as created:
+        loss = model(ids, return_loss=True)
+    loss.backward()
+    gc.collect()
+    alive = created.alive(loss)
+    assert not alive, f"{len(alive)} tensors of the forward pass still alive: {[tuple(t.shape) for t in alive]}"
 
 
 @pytest.mark.parametrize("name", BUILDERS)

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..memory_models import LAYER_NORM_EPS
 
@@ -235,18 +236,22 @@ class FusedChunkLoop(torch.autograd.Function):
             deltas.append(z_last if scale_name is None else last_deltas)
             if scale_name is not None:
                 norm = (z_last, *norm, residuals, scaled_residuals)
-        ctx.network, ctx.states = network, states
-        ctx.saved = (weighted_keys, pre, acts, backs, deltas, weighted_acts, norm)
-        ctx.save_for_backward(keys, token_weights, transitions)
+        # all through save_for_backward (a flat list of tensors), so that autograd frees them after the
+        # backward pass unless the graph is retained: a graph kept alive afterwards (say, by the
+        # previous step's loss while the next step runs) must not hold every chunk's state
+        saved, ctx.saved_structure = tree_flatten((states, keys, token_weights, transitions, weighted_keys, pre, acts,
+                                                   backs, deltas, weighted_acts, norm))
+        ctx.save_for_backward(*saved)
+        ctx.network = network
         # the final state is copied out: a view would keep every chunk's state alive with it (in a
         # decoding cache, say) long after this call's graph is gone
         return states[:-1, :, 0], states[-1].clone()
 
     @staticmethod
     def backward(ctx, grad_start_weights, grad_final):
-        network, states = ctx.network, ctx.states
-        keys, token_weights, transitions = ctx.saved_tensors
-        weighted_keys, pre, acts, backs, deltas, weighted_acts, norm = ctx.saved
+        network = ctx.network
+        (states, keys, token_weights, transitions, weighted_keys, pre, acts, backs, deltas, weighted_acts,
+         norm) = tree_unflatten(list(ctx.saved_tensors), ctx.saved_structure)
         names, scale_name, layout = network.matrix_names, network.scale_name, network.layout
         batch, num_chunks, chunk_size, dim = keys.shape
         depth, rows, last = len(names), token_weights.shape[-1], len(names) - 1

@@ -1,0 +1,42 @@
+"""TorchDispatchModes the tests use to observe what aten ops do (no data changed)."""
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def _tensors(out):
+    return [t for t in (out if isinstance(out, (list, tuple)) else (out,)) if torch.is_tensor(t)]
+
+
+class ElementsWritten(TorchDispatchMode):
+    """Counts the elements the aten compute ops dispatched inside it write (views move no data)."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.elements += sum(t.numel() for t in _tensors(out))
+        return out
+
+
+class Created(TorchDispatchMode):
+    """Weak references to every tensor the aten compute ops dispatched inside it create."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.tensors += [weakref.ref(t) for t in _tensors(out)]
+        return out
+
+    def alive(self, *keep):
+        """The created tensors still alive, except `keep`."""
+        return [t for t in (ref() for ref in self.tensors) if t is not None and all(t is not k for k in keep)]
