@@ -19,6 +19,9 @@ BUILDERS = {
     "mac-sliding": lambda **kw: MemoryAsContextTransformer(
         **{**COMMON, **ATTENTION, "num_longterm_mem_tokens": 2, "sliding_window_attn": True, **kw}
     ),
+    "mac-no-prefix": lambda **kw: MemoryAsContextTransformer(  # no persistent, no long-term tokens
+        **{**COMMON, **ATTENTION, "num_persist_mem_tokens": 0, **kw}
+    ),
     "mag": lambda **kw: MemoryAsGateTransformer(**{**COMMON, **ATTENTION, **kw}),
     "mal": lambda **kw: MemoryAsLayerTransformer(**{**COMMON, **ATTENTION, **kw}),
     "lmm": lambda **kw: MemoryTransformer(**{**COMMON, **kw}),

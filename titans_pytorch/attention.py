@@ -106,19 +106,36 @@ class LocalAttention(nn.Module):
         k, v = map(self._split_heads, F.linear(self.norm(tokens), key_value_weight).chunk(2, dim=-1))
         return self._rotate(k, positions), v
 
-    def prefix_keys_values(self, tokens, position: int, batch: int):
+    def prefix_keys_values(self, tokens, position: int, batch: int, extra=None, extra_positions=None):
         """Persistent tokens plus `tokens (b, m, dim)` (or None) -> keys, values `(b, h, p, d)`
-        rotated at the first position of `position`'s segment."""
+        rotated at the first position of `position`'s segment (None when there are none).
+
+        With `extra` tokens `(b, e, dim)` at `extra_positions (e,)`, their keys and values come out
+        of the same projection: returns `(prefix, (keys, values) of extra)`."""
         parts = []
         if self.persist_mem is not None:
             parts.append(self.persist_mem.expand(batch, -1, -1))
         if tokens is not None:
             parts.append(tokens)
-        if not parts:
-            return None
-        prefix = torch.cat([p.to(parts[-1].dtype) for p in parts], dim=1)
+        num_prefix = sum(part.shape[1] for part in parts)
+        if extra is None:
+            if not parts:
+                return None
+        elif not parts:
+            return None, self.keys_values(extra, extra_positions)
+        dtype = (extra if extra is not None else parts[-1]).dtype
         segment_start = position - position % self.segment_len
-        return self.keys_values(prefix, torch.full((prefix.shape[1],), segment_start, device=prefix.device))
+        device = parts[0].device
+        positions = torch.full((num_prefix,), segment_start, device=device)
+        if extra is not None:
+            parts.append(extra)
+            positions = torch.cat((positions, extra_positions))
+        keys, values = self.keys_values(torch.cat([part.to(dtype) for part in parts], dim=1), positions)
+        if extra is None:
+            return keys, values
+        sizes = [num_prefix, extra.shape[1]]
+        (prefix_keys, extra_keys), (prefix_values, extra_values) = keys.split(sizes, dim=2), values.split(sizes, dim=2)
+        return (prefix_keys, prefix_values), (extra_keys, extra_values)
 
     def empty_cache(self, batch, device, dtype):
         shape = (batch, self.heads, 0, self.dim_head)

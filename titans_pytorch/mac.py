@@ -86,7 +86,9 @@ class MemoryAsContextMixer(nn.Module):
         outputs = []
         for index, (start, end) in enumerate(pieces):
             piece_position = position + start
-            new_segment = prefix is None or piece_position % self.segment_len == 0
+            # a segment starts here, or this is the first piece a fresh cache sees (the prefix is None
+            # for good without persistent and long-term tokens: that alone does not start a segment)
+            new_segment = piece_position % self.segment_len == 0 or (prefix is None and segment_memory is None)
             keys, values = k[index], v[index]
             if self.memory is None:
                 if new_segment:
@@ -102,13 +104,18 @@ class MemoryAsContextMixer(nn.Module):
                     reads_x = torch.cat((longterm_x, reads_x), dim=1)
                     reads_queries = torch.cat((longterm_queries, reads_queries), dim=2)
                 read = self.memory.read(segment_memory, reads_x, reads_queries)
-                retrieved = read[:, read.shape[1] - (end - start) :]
-                if new_segment:
-                    prefix = self.attention.prefix_keys_values(read[:, : read.shape[1] - (end - start)] if longterm else None,
-                                                               piece_position, batch)
+                if longterm:
+                    longterm_read, retrieved = read.split([read.shape[1] - (end - start), end - start], dim=1)
+                else:
+                    longterm_read, retrieved = None, read
                 # each h_t is seen by the tokens at and after t: its key sits beside x_t's
                 positions = torch.arange(piece_position, position + end, device=x.device)
-                retrieved_keys, retrieved_values = self.attention.keys_values(retrieved, positions)
+                if new_segment:  # the segment's prefix (persistent and long-term tokens) from the same projection
+                    prefix, (retrieved_keys, retrieved_values) = self.attention.prefix_keys_values(
+                        longterm_read, piece_position, batch, extra=retrieved, extra_positions=positions
+                    )
+                else:
+                    retrieved_keys, retrieved_values = self.attention.keys_values(retrieved, positions)
                 keys = torch.stack((retrieved_keys, keys), dim=3).flatten(2, 3)
                 values = torch.stack((retrieved_values, values), dim=3).flatten(2, 3)
             y, attn_cache = self.attention.attend(q[index], keys, values, piece_position, attn_cache, prefix)
