@@ -5,6 +5,7 @@ context length.
     python benchmarks/bench_mac.py --threads 2
     python benchmarks/bench_mac.py --threads 2 --model lmm --skip-train
     python benchmarks/bench_mac.py --only-segment      # just the per-segment host cost, every model
+    python benchmarks/bench_mac.py --breakdown         # the training step with parts switched off
 
 The per-segment table is the day-to-day measure of the GPU's wait on Python: at the tiny size
 (dim 32, 8 attention heads of 4, memory of 4 heads of 8, the base preset's depth, segment 32,
@@ -80,6 +81,29 @@ def print_segment_cost(names):
     print_table(("model", "ops forward", "ops backward", "ops total", "host ms"), rows)
 
 
+def print_breakdown(device, batch, seq_len, repeats):
+    """The base MAC's training step with its memory layers and its hyper-connection streams switched
+    off in turn: what each part costs."""
+    arch = PRESETS["base"]["arch"]
+    variants = (("MAC (the base preset)", "mac", arch),
+                ("MAC, one residual stream", "mac", {**arch, "num_residual_streams": 1}),
+                ("no memory layers", "window", arch),
+                ("no memory layers, one residual stream", "window", {**arch, "num_residual_streams": 1}))
+    ids = torch.randint(0, 256, (batch, seq_len + 1), device=device)
+    rows = []
+    for label, name, variant in variants:
+        torch.manual_seed(0)
+        model = build_model(name, variant).to(device)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(ids, return_loss=True).backward()
+
+        rows.append((label, f"{median_time(step, device, repeats):.2f}"))
+    print(f"training step (forward+backward), batch {batch} x {seq_len}, parts switched off")
+    print_table(("model", "seconds"), rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -92,12 +116,16 @@ def main():
     parser.add_argument("--model", choices=sorted(MODEL_CLASSES), default="mac")
     parser.add_argument("--ff-mult", type=float, default=4.0, help="5.0 matches the peer's 19.5M parameters")
     parser.add_argument("--only-segment", action="store_true", help="only the per-segment host cost, every model")
+    parser.add_argument("--breakdown", action="store_true", help="only the training step with parts switched off")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device: {device.type} ({device_name(device)}) | dtype: float32 | threads: {args.threads} | torch {torch.__version__}")
 
     print()
+    if args.breakdown:
+        print_breakdown(device, args.batch, args.seq_len, args.repeats)
+        return
     print_segment_cost(("mac", "mag", "mal", "lmm", "window") if args.only_segment else (args.model,))
     if args.only_segment:
         return
