@@ -40,3 +40,20 @@ class Created(TorchDispatchMode):
     def alive(self, *keep):
         """The created tensors still alive, except `keep`."""
         return [t for t in (ref() for ref in self.tensors) if t is not None and all(t is not k for k in keep)]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it that read a tensor's values back to the host (on a
+    GPU each waits for the device: a sync, and no CUDA graph can capture it)."""
+
+    READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose", "masked_select", "unique",
+             "_unique2", "item"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.READS:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

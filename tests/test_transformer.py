@@ -6,7 +6,7 @@ import gc
 import pytest
 import torch
 
-from dispatch import Created, ElementsWritten
+from dispatch import Created, ElementsWritten, HostReads
 from titans_pytorch import MemoryAsContextTransformer, MemoryAsGateTransformer, MemoryAsLayerTransformer, MemoryTransformer
 
 NUM_TOKENS, SEGMENT = 32, 4
@@ -139,6 +139,25 @@ def test_backward_frees_what_the_forward_kept(name):
     gc.collect()
     alive = created.alive(loss)
     assert not alive, f"{len(alive)} tensors of the forward pass still alive: {[tuple(t.shape) for t in alive]}"
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_step_and_decoding_read_nothing_back_but_the_input_check(name, monkeypatch):
+    # on a GPU a value read back to the host waits for the device and breaks CUDA-graph capture;
+    # the only ones are the token ids' range check at the model's entry
+    model = build(name)
+    ids = torch.randint(0, NUM_TOKENS, (2, 2 * SEGMENT + 3))
+    with HostReads() as checked:
+        model(ids)
+    assert checked.ops, "the input check reads the ids' range"
+    monkeypatch.setattr(model, "_check_ids", lambda ids, name="ids": None)
+    with HostReads() as training:
+        model(ids, return_loss=True).backward()
+    with torch.no_grad(), HostReads() as decoding:
+        _, cache = model(ids[:, :5], return_cache=True)
+        for t in range(5, 8):
+            _, cache = model(ids[:, t : t + 1], cache=cache, return_cache=True)
+    assert training.ops == [] and decoding.ops == []
 
 
 @pytest.mark.parametrize("name", BUILDERS)
