@@ -15,11 +15,10 @@ the aten compute ops it dispatches, forward and backward, and the CPU time they 
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-from bench_memory import DispatchCounter, device_name, median_time, print_table  # the sibling script's helpers
+from bench_memory import device_name, marginal_dispatch_cost, median_time, print_table  # the sibling script's helpers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train_mac import MODEL_CLASSES, PRESETS, build_model  # noqa: E402  (the trainer's models)
@@ -40,35 +39,16 @@ def tiny_model(name):
 
 
 def per_segment_cost(name, segments=(2, 10), repeats=7):
-    """(forward ops, backward ops, host ms forward+backward) per segment of the tiny model, batch 1:
-    the difference between `segments[1]` and `segments[0]` segments, so per-call work cancels out.
-    Host time is the process's CPU time, the least of `repeats` runs of each length, run in turn."""
+    """(forward ops, backward ops, host ms forward+backward) per segment of the tiny model, batch 1,
+    from `marginal_dispatch_cost` over inputs of `segments[0]` and `segments[1]` segments."""
     model = tiny_model(name)
     segment_len = PRESETS["base"]["arch"]["segment_len"]
     inputs = [torch.randint(0, 256, (1, n * segment_len + 1)) for n in segments]
-
-    def step(ids):
-        model.zero_grad(set_to_none=True)
-        model(ids, return_loss=True).backward()
-
-    counts = []
-    for ids in inputs:
-        step(ids)  # warm-up
-        model.zero_grad(set_to_none=True)
-        with DispatchCounter() as forward:
-            loss = model(ids, return_loss=True)
-        with DispatchCounter() as backward:
-            loss.backward()
-        counts.append((forward.compute, backward.compute))
-    times = [float("inf")] * len(inputs)
-    for _ in range(repeats):
-        for index, ids in enumerate(inputs):
-            start = time.process_time()
-            step(ids)
-            times[index] = min(times[index], time.process_time() - start)
-    span = segments[1] - segments[0]
-    return ((counts[1][0] - counts[0][0]) / span, (counts[1][1] - counts[0][1]) / span,
-            (times[1] - times[0]) / span * 1e3)
+    forward, backward, host = marginal_dispatch_cost(
+        lambda ids: model(ids, return_loss=True), inputs, segments[1] - segments[0], repeats,
+        before_step=lambda: model.zero_grad(set_to_none=True),
+    )
+    return forward, backward, host * 1e3
 
 
 def print_segment_cost(names):

@@ -82,32 +82,42 @@ class DispatchCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def per_chunk_dispatch(make_memory, device, chunks=(4, 36), repeats=25):
-    """(forward ops, backward ops, host microseconds forward+backward) per chunk: the difference
-    between `chunks[1]` and `chunks[0]` chunks, so per-call work cancels out. Host time is the
-    process's CPU time (with one thread, the host's work; another busy core does not inflate it),
-    the least disturbed of `repeats` runs of each length, the two lengths run in turn so that a
-    slow spell of the machine hits both."""
-    mem = make_memory().to(device)
-    inputs = [torch.randn(1, n * mem.chunk_size, mem.dim, device=device, requires_grad=True) for n in chunks]
+def marginal_dispatch_cost(loss_of, inputs, span, repeats, before_step=lambda: None):
+    """(forward ops, backward ops, host seconds forward+backward) per unit of work: the difference
+    between the last and the first of `inputs`, which differ by `span` units, so per-call work
+    cancels out. `loss_of(x)` is the forward, `before_step()` runs before each (zeroing gradients,
+    say). Host time is the process's CPU time (with one thread, the host's work; another busy core
+    does not inflate it), the least disturbed of `repeats` runs of each input, the inputs run in
+    turn so that a slow spell of the machine hits all of them."""
     counts = []
     for x in inputs:
-        mem(x).sum().backward()  # warm-up
+        before_step()
+        loss_of(x).backward()  # warm-up
+        before_step()
         with DispatchCounter() as forward:
-            out = mem(x).sum()
+            loss = loss_of(x)
         with DispatchCounter() as backward:
-            out.backward()
+            loss.backward()
         counts.append((forward.compute, backward.compute))
-    times = [float("inf")] * len(chunks)
+    times = [float("inf")] * len(inputs)
     for _ in range(repeats):
         for index, x in enumerate(inputs):
-            # host time: this process's CPU time, no device synchronisation (a busy second core does not count)
+            # host time: no device synchronisation
             start = time.process_time()
-            mem(x).sum().backward()
+            before_step()
+            loss_of(x).backward()
             times[index] = min(times[index], time.process_time() - start)
-    span = chunks[1] - chunks[0]
-    return ((counts[1][0] - counts[0][0]) / span, (counts[1][1] - counts[0][1]) / span,
-            (times[1] - times[0]) / span * 1e6)
+    return ((counts[-1][0] - counts[0][0]) / span, (counts[-1][1] - counts[0][1]) / span,
+            (times[-1] - times[0]) / span)
+
+
+def per_chunk_dispatch(make_memory, device, chunks=(4, 36), repeats=25):
+    """(forward ops, backward ops, host microseconds forward+backward) per chunk, from
+    `marginal_dispatch_cost` over inputs of `chunks[0]` and `chunks[1]` chunks."""
+    mem = make_memory().to(device)
+    inputs = [torch.randn(1, n * mem.chunk_size, mem.dim, device=device, requires_grad=True) for n in chunks]
+    forward, backward, host = marginal_dispatch_cost(lambda x: mem(x).sum(), inputs, chunks[1] - chunks[0], repeats)
+    return forward, backward, host * 1e6
 
 
 def print_dispatch(device):
