@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import ctypes
 import functools
 import gzip
 import json
@@ -291,6 +292,26 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
             raise SystemExit(f"--device {name}: CUDA is not available on this machine")
         device = torch.device("cuda", local_rank if dist.is_initialized() else (device.index or 0))
     return device
+
+
+MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def keep_freed_memory() -> bool:
+    """On Linux with glibc, have malloc keep freed memory for reuse, as the environment variables
+    `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` would at start-up: otherwise every freed
+    block above 32 MiB (the memory layers' state buffers, at the base preset's size) and the heap's
+    top go back to the kernel, and each step page-faults them in again (README, "Performance").
+    Left alone when either variable is set. Returns whether the setting was made."""
+    if sys.platform != "linux" or any(name in os.environ for name in MALLOC_VARIABLES):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no C library exposing mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -689,6 +710,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if config.threads:
             torch.set_num_threads(config.threads)
+        if self.device.type == "cpu" and keep_freed_memory():
+            self.log(f"cpu: glibc malloc keeps freed memory for reuse (set {' or '.join(MALLOC_VARIABLES)} to choose otherwise)")
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         if self.main_process:

@@ -97,6 +97,38 @@ def test_command_trains_validates_samples_and_checkpoints(tmp_path):
     assert torch.equal(exported(ids), model.eval()(ids))
 
 
+FAULTS_PER_40MB = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+import train_mac
+applied = train_mac.keep_freed_memory()
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(10_000_000)  # warm-up
+start = faults()
+for _ in range(5):
+    torch.ones(10_000_000)  # 40 MB, above glibc's 32 MiB limit for keeping a freed block
+print(applied, (faults() - start) / 5)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_cpu_training_keeps_freed_memory_unless_the_user_chose():
+    import resource  # Unix only
+
+    def run(env):
+        code = FAULTS_PER_40MB.format(root=str(ROOT))
+        applied, faults = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                         check=True, timeout=60).stdout.split()
+        return applied == "True", float(faults)
+
+    env = {name: value for name, value in ENV.items() if name not in train_mac.MALLOC_VARIABLES}
+    pages = 40e6 / resource.getpagesize()
+    applied, faults = run(env)
+    assert applied and faults < 0.5 * pages  # a block freed and allocated again is not faulted in again
+    applied, faults = run({**env, "MALLOC_TRIM_THRESHOLD_": str(128 << 10)})  # the user's choice stands
+    assert not applied and faults > 0.9 * pages
+
+
 @pytest.mark.parametrize(
     "flags, flag",
     [
