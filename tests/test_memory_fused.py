@@ -113,6 +113,25 @@ def test_backward_frees_the_loops_buffers_and_retain_graph_keeps_them():
     torch.testing.assert_close(torch.autograd.grad(loss, seq)[0], first, atol=0, rtol=0)
 
 
+def test_shared_adjoint_buffer_released_after_a_failed_backward_pass():
+    torch.manual_seed(0)
+    mem = NeuralMemory(8, chunk_size=2, heads=2, dim_head=4)
+    seq = torch.randn(2, 8, 8, requires_grad=True)
+
+    def fail(grad):
+        raise RuntimeError("a hook failed")
+
+    with Created() as created:
+        handle = seq.register_hook(fail)  # runs after the fused loop's backward
+        with pytest.raises(RuntimeError, match="a hook failed"):
+            torch.autograd.grad(mem(seq).sum(), seq)
+        handle.remove()
+        grad = torch.autograd.grad(mem(seq).sum(), seq)[0]
+    gc.collect()
+    alive = created.alive(grad)
+    assert not alive, f"{len(alive)} tensors still alive: {[tuple(t.shape) for t in alive]}"
+
+
 @pytest.mark.cuda
 def test_fused_path_on_cuda_equals_cpu_float64():
     torch.manual_seed(0)

@@ -89,24 +89,23 @@ def _adjoint_buffer(states):
     runs one per segment and memory layer) and is released when the pass ends: a fresh buffer of
     this size (tens of MB) comes straight from the kernel and page-faults in on every call, which
     costs more than the loop's arithmetic. Elsewhere (CUDA's caching allocator reuses memory
-    already) and under `torch.compile`, a plain allocation."""
+    already), under `torch.compile` and outside the autograd engine, a plain allocation."""
     if states.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.empty_like(states)
-    buffers = getattr(_backward_pass, "buffers", None)
-    if buffers is None:
-        try:  # released by the autograd engine at the end of this backward pass
-            torch.autograd.Variable._execution_engine.queue_callback(_end_backward_pass)
-        except RuntimeError:  # not called by the engine (backward invoked by hand)
-            return torch.empty_like(states)
-        buffers = _backward_pass.buffers = {}
+    task = torch._C._current_graph_task_id()  # the backward pass, -1 outside the engine
+    if task < 0:
+        return torch.empty_like(states)
+    if getattr(_backward_pass, "task", None) != task:  # this pass's first loop (a failed pass leaves its own)
+        torch.autograd.Variable._execution_engine.queue_callback(_end_backward_pass)  # run when the pass ends
+        _backward_pass.task, _backward_pass.buffers = task, {}
     key = (tuple(states.shape), states.dtype)
-    if key not in buffers:
-        buffers[key] = torch.empty_like(states)
-    return buffers[key]
+    if key not in _backward_pass.buffers:
+        _backward_pass.buffers[key] = torch.empty_like(states)
+    return _backward_pass.buffers[key]
 
 
 def _end_backward_pass():
-    _backward_pass.buffers = None
+    _backward_pass.task = _backward_pass.buffers = None
 
 
 def _row_dot(x, y):
