@@ -117,23 +117,15 @@ class LocalAttention(nn.Module):
             parts.append(self.persist_mem.expand(batch, -1, -1))
         if tokens is not None:
             parts.append(tokens)
-        num_prefix = sum(part.shape[1] for part in parts)
-        if extra is None:
-            if not parts:
-                return None
-        elif not parts:
-            return None, self.keys_values(extra, extra_positions)
-        dtype = (extra if extra is not None else parts[-1]).dtype
+        if not parts:
+            return None if extra is None else (None, self.keys_values(extra, extra_positions))
         segment_start = position - position % self.segment_len
-        device = parts[0].device
-        positions = torch.full((num_prefix,), segment_start, device=device)
-        if extra is not None:
-            parts.append(extra)
-            positions = torch.cat((positions, extra_positions))
-        keys, values = self.keys_values(torch.cat([part.to(dtype) for part in parts], dim=1), positions)
+        positions = torch.full((sum(part.shape[1] for part in parts),), segment_start, device=parts[0].device)
         if extra is None:
-            return keys, values
-        sizes = [num_prefix, extra.shape[1]]
+            return self.keys_values(torch.cat([part.to(parts[-1].dtype) for part in parts], dim=1), positions)
+        sizes = [positions.shape[0], extra.shape[1]]
+        keys, values = self.keys_values(torch.cat([part.to(extra.dtype) for part in (*parts, extra)], dim=1),
+                                        torch.cat((positions, extra_positions)))
         (prefix_keys, extra_keys), (prefix_values, extra_values) = keys.split(sizes, dim=2), values.split(sizes, dim=2)
         return (prefix_keys, prefix_values), (extra_keys, extra_values)
 
