@@ -4,7 +4,7 @@
 differentiate through them; that costs about 140 dispatched ops per chunk, most of them in the
 autograd formulas of the LayerNorm and GELU backward kernels (the outer backward of the inner
 gradient is a second derivative). Here the loop runs without autograd and the backward is written
-out, so a chunk of the default network costs 47 ops forward and backward together. Everything that does not depend
+out, so a chunk of the default network costs 48 ops forward and backward together. Everything that does not depend
 on a chunk's weights is done once per call, batched over all chunks: before the forward loop the
 per-chunk views and the token-weighted keys; before the reverse loop whatever depends on the
 forward pass alone (GELU slopes and curvatures, the token-weighted deltas, the norm's per-token
@@ -255,19 +255,15 @@ class FusedChunkLoop(torch.autograd.Function):
         batch, num_chunks, chunk_size, dim = keys.shape
         depth, rows, last = len(names), token_weights.shape[-1], len(names) - 1
         with _small_gelu_kernels(network, keys):
-            # lams[j]: the adjoint of states[j], all in one buffer written in place; it starts as the
-            # reads' gradients (row 0 of every state a chunk starts from) and the final state's
-            # every entry written once below (no zero-fill pass first); nothing returned is a view of it
+            # lams[j]: the adjoint of states[j], all in one buffer; the last is the final state's
+            # gradient, each earlier one written whole by its chunk below (no fill first); nothing
+            # returned is a view of it
             lams = _adjoint_buffer(states)
-            if grad_start_weights is None:
-                lams[:-1, :, 0].zero_()
-            else:
-                lams[:-1, :, 0] = grad_start_weights
-            lams[:-1, :, 1:].zero_()
             if grad_final is None:
                 lams[-1].zero_()
             else:
                 lams[-1] = grad_final
+            read_grads = grad_start_weights.unbind(0) if grad_start_weights is not None else None
 
             weights = layout.views(states[:-1, :, 0])  # what each chunk read at, {name: (N, B, *shape)}
             lam_views = layout.views(lams[1:])  # the adjoint after each chunk, {name: (N, B, k, *shape)}
@@ -358,10 +354,12 @@ class FusedChunkLoop(torch.autograd.Function):
                     if m:
                         grad_acts[m] = torch.baddbmm(grad_acts[m], grad_z, transposed[m][j])
                 grad_z0[j] = grad_z
-                # the adjoint before chunk j: T_j^T lam_{j+1} + the chunk's weight gradients (and the
-                # reads', already there)
-                lam_list[j].baddbmm_(transposed_transitions[j], next_lams[j])
+                # the adjoint before chunk j: T_j^T lam_{j+1} + the chunk's weight gradients and the
+                # gradient of what was read at its start weights
+                torch.bmm(transposed_transitions[j], next_lams[j], out=lam_list[j])
                 lam_weights[j].add_(torch.cat([grads[i].flatten(1) for i in order], dim=-1))
+                if read_grads is not None:
+                    lam_weights[j].add_(read_grads[j])
 
             # what the recurrence does not need, for all chunks at once (chunk and batch flattened,
             # chunk-major as the buffers `states` and `lams` (N, B, k, P))
