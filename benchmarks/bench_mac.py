@@ -30,20 +30,20 @@ def train_model(device, name="mac", ff_mult=4.0):
     return build_model(name, {**PRESETS["base"]["arch"], "ff_mult": ff_mult}).to(device)
 
 
-def tiny_model(name):
+def tiny_model(name, device):
     """The base preset's structure (depth, segment, chunk, memory layers, streams) at a tiny width."""
     arch = {**PRESETS["base"]["arch"], "dim": 32, "dim_head": 4,
             "neural_memory_kwargs": {**PRESETS["base"]["arch"]["neural_memory_kwargs"], "dim_head": 8}}
     torch.manual_seed(0)
-    return build_model(name, arch)
+    return build_model(name, arch).to(device)
 
 
-def per_segment_cost(name, segments=(2, 10), repeats=7):
+def per_segment_cost(name, device, segments=(2, 10), repeats=7):
     """(forward ops, backward ops, host ms forward+backward) per segment of the tiny model, batch 1,
     from `marginal_dispatch_cost` over inputs of `segments[0]` and `segments[1]` segments."""
-    model = tiny_model(name)
+    model = tiny_model(name, device)
     segment_len = PRESETS["base"]["arch"]["segment_len"]
-    inputs = [torch.randint(0, 256, (1, n * segment_len + 1)) for n in segments]
+    inputs = [torch.randint(0, 256, (1, n * segment_len + 1), device=device) for n in segments]
     forward, backward, host = marginal_dispatch_cost(
         lambda ids: model(ids, return_loss=True), inputs, segments[1] - segments[0], repeats,
         before_step=lambda: model.zero_grad(set_to_none=True),
@@ -51,10 +51,10 @@ def per_segment_cost(name, segments=(2, 10), repeats=7):
     return forward, backward, host * 1e3
 
 
-def print_segment_cost(names):
+def print_segment_cost(names, device):
     rows = []
     for name in names:
-        forward, backward, host = per_segment_cost(name)
+        forward, backward, host = per_segment_cost(name, device)
         rows.append((name, f"{forward:.0f}", f"{backward:.0f}", f"{forward + backward:.0f}", f"{host:.1f}"))
     print("per segment of 32 tokens at the tiny size (dim 32, base preset's depth, memory layers and chunk, batch 1):"
           " aten compute ops dispatched and host CPU time, forward+backward")
@@ -106,7 +106,7 @@ def main():
     if args.breakdown:
         print_breakdown(device, args.batch, args.seq_len, args.repeats)
         return
-    print_segment_cost(("mac", "mag", "mal", "lmm", "window") if args.only_segment else (args.model,))
+    print_segment_cost(("mac", "mag", "mal", "lmm", "window") if args.only_segment else (args.model,), device)
     if args.only_segment:
         return
 
