@@ -1,6 +1,8 @@
 """The chunked update (`memory/chunking.py`) through every path against the plain loop (`memory/naive.py`):
-the fused loop and the autograd-differentiated closed form of the built-in networks, and the
-`torch.func` path that serves any network."""
+the fused and dual-form loops and the autograd-differentiated closed form of the built-in networks,
+and the `torch.func` path that serves any network."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -30,13 +32,14 @@ class AutogradClosedForm(ClosedFormNetwork):
 def networks(model):
     closed = ClosedFormNetwork.of(model)
     return {
-        "fused": closed,
-        "closed_form_autograd": AutogradClosedForm(closed.layout, closed.matrix_names, closed.scale_name),
+        "fused": dataclasses.replace(closed, loop="fused"),
+        "dual": dataclasses.replace(closed, loop="dual"),
+        "closed_form_autograd": AutogradClosedForm(closed.layout, closed.matrix_names, closed.scale_name, loop="fused"),
         "torch_func": TorchFuncNetwork(model),
     }
 
 
-PATHS = ["fused", "closed_form_autograd", "torch_func"]
+PATHS = ["fused", "dual", "closed_form_autograd", "torch_func"]
 
 
 def random_problem(model, heads, length, momentum, forget, seed=0):

@@ -1,6 +1,8 @@
 """The fused chunk loop (`memory/fused.py`): its hand-written backward against autograd through the
-closed form it fuses, and end to end against the `torch.func` path."""
+closed form it fuses, and end to end against the `torch.func` path. On a CPU the module picks the
+dual form for short chunks, so these tests pin the fused loop (`pin_fused`)."""
 
+import dataclasses
 import gc
 
 import pytest
@@ -12,6 +14,12 @@ from titans_pytorch import LinearMemory, MemoryMLP, NeuralMemory, ResidualNormMe
 from titans_pytorch.memory.chunking import sequential_states, update_terms
 from titans_pytorch.memory.closed_form import ClosedFormNetwork
 from titans_pytorch.memory.functional import TorchFuncNetwork
+
+def pin_fused(mem):
+    """`mem` running the fused loop whatever the device and chunk size."""
+    mem.network = dataclasses.replace(mem.network, loop="fused")
+    return mem
+
 
 MODELS = {
     "linear": lambda d: LinearMemory(d),
@@ -60,7 +68,7 @@ def test_fused_backward_equals_autograd(float64, model_name, momentum):
 def test_module_gradients_equal_torch_func_path(float64, model_name):
     # the whole module (projections, gates, reads, output) on both paths
     torch.manual_seed(0)
-    mem = NeuralMemory(8, chunk_size=3, heads=2, dim_head=4, model=MODELS[model_name](4), max_lr=0.5)
+    mem = pin_fused(NeuralMemory(8, chunk_size=3, heads=2, dim_head=4, model=MODELS[model_name](4), max_lr=0.5))
     seq = torch.randn(2, 11, 8, requires_grad=True)  # 3 whole chunks and a partial one
     grads = []
     for network in (mem.network, TorchFuncNetwork(mem.model)):
@@ -76,7 +84,7 @@ def test_loops_chained_in_one_backward_pass_equal_torch_func_path(float64):
     # memory as context runs one fused loop per segment; on a CPU the loops of one backward pass
     # share one adjoint buffer, so chained calls of the same shape, and a second pass, must not mix
     torch.manual_seed(0)
-    mem = NeuralMemory(8, chunk_size=3, heads=2, dim_head=4, model=MODELS["residual_norm"](4), max_lr=0.5)
+    mem = pin_fused(NeuralMemory(8, chunk_size=3, heads=2, dim_head=4, model=MODELS["residual_norm"](4), max_lr=0.5))
     seq = torch.randn(2, 18, 8, requires_grad=True)
 
     def grads(network):
@@ -97,7 +105,7 @@ def test_loops_chained_in_one_backward_pass_equal_torch_func_path(float64):
 
 def test_backward_frees_the_loops_buffers_and_retain_graph_keeps_them():
     torch.manual_seed(0)
-    mem = NeuralMemory(8, chunk_size=2, heads=2, dim_head=4)
+    mem = pin_fused(NeuralMemory(8, chunk_size=2, heads=2, dim_head=4))
     seq = torch.randn(2, 16, 8, requires_grad=True)
     with Created() as created:
         loss = mem(seq).square().sum()
@@ -115,7 +123,7 @@ def test_backward_frees_the_loops_buffers_and_retain_graph_keeps_them():
 
 def test_shared_adjoint_buffer_released_after_a_failed_backward_pass():
     torch.manual_seed(0)
-    mem = NeuralMemory(8, chunk_size=2, heads=2, dim_head=4)
+    mem = pin_fused(NeuralMemory(8, chunk_size=2, heads=2, dim_head=4))
     seq = torch.randn(2, 8, 8, requires_grad=True)
 
     def fail(grad):
@@ -135,7 +143,7 @@ def test_shared_adjoint_buffer_released_after_a_failed_backward_pass():
 @pytest.mark.cuda
 def test_fused_path_on_cuda_equals_cpu_float64():
     torch.manual_seed(0)
-    mem = NeuralMemory(32, chunk_size=4, heads=2, dim_head=16)
+    mem = pin_fused(NeuralMemory(32, chunk_size=4, heads=2, dim_head=16))
     seq = torch.randn(2, 22, 32)
     results = []
     for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
@@ -155,11 +163,11 @@ def test_fused_float32_on_either_gelu_kernel(size):
     # either way float32 matches the float64 computation, and oneDNN's switch is left as found
     torch.manual_seed(0)
     heads, dim_head, chunk = (2, 4, 4) if size == "small" else (2, 64, 64)
-    mem = NeuralMemory(heads * dim_head, chunk_size=chunk, heads=heads, dim_head=dim_head)
+    mem = pin_fused(NeuralMemory(heads * dim_head, chunk_size=chunk, heads=heads, dim_head=dim_head))
     seq = torch.randn(1, 2 * chunk, heads * dim_head)
     results = []
     for dtype in (torch.float64, torch.float32):
-        copy = NeuralMemory(heads * dim_head, chunk_size=chunk, heads=heads, dim_head=dim_head).to(dtype)
+        copy = pin_fused(NeuralMemory(heads * dim_head, chunk_size=chunk, heads=heads, dim_head=dim_head).to(dtype))
         copy.load_state_dict(mem.state_dict())
         x = seq.to(dtype).requires_grad_()
         out = copy(x)
@@ -170,7 +178,7 @@ def test_fused_float32_on_either_gelu_kernel(size):
 
 
 def test_onednn_switch_left_as_the_user_set_it():
-    mem = NeuralMemory(8, chunk_size=4, heads=2, dim_head=4)
+    mem = pin_fused(NeuralMemory(8, chunk_size=4, heads=2, dim_head=4))
     x = torch.randn(1, 8, 8, requires_grad=True)
     torch.backends.mkldnn.enabled = False
     try:

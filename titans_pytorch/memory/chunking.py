@@ -157,7 +157,8 @@ def run_chunks(network, state, keys, values, terms: UpdateTerms, queries=None, r
     """Advance the memory over `N` whole chunks, reading each chunk's queries at the weights
     the chunk starts from (retrieve, then store).
 
-    network: `closed_form.ClosedFormNetwork` or `functional.TorchFuncNetwork`; state `[W; S]`
+    network: `closed_form.ClosedFormNetwork` or `functional.TorchFuncNetwork` (their `chunk_loop`
+    runs the default case, no refresh spans and no clipping); state `[W; S]`
     `(B, k, P)`; keys, values, queries `(B, N, c, d)`; terms for the `N` chunks. With
     `refresh_every = r > 1`, `r` chunks share one gradient point and are chained by scans.
     Returns `(state, reads (B, N, c, d) or None)`.
@@ -165,11 +166,16 @@ def run_chunks(network, state, keys, values, terms: UpdateTerms, queries=None, r
     if refresh_every > 1:
         starts, state = span_states(network, state, keys, values, terms, refresh_every, max_grad_norm, scan_backend)
     elif max_grad_norm is None:
-        starts, state = network.chunk_states(state, keys, values, terms)
+        return network.chunk_loop(state, keys, values, terms, queries)
     else:
         starts, state = sequential_states(network, state, keys, values, terms, max_grad_norm)
+    return state, read_at_starts(network, starts, queries)
+
+
+def read_at_starts(network, starts, queries):
+    """Every chunk's queries `(B, N, c, d)` read at its start weights `starts (N, B, P)`, in one
+    batched read -> `(B, N, c, d)`; None without queries."""
     if queries is None:
-        return state, None
-    # every chunk's queries at its start weights, in one batched read (chunk-major, as `starts`)
+        return None
     reads = network.read(starts.flatten(0, 1), queries.transpose(0, 1).flatten(0, 1))
-    return state, reads.view(queries.shape[1], queries.shape[0], *queries.shape[2:]).transpose(0, 1)
+    return reads.view(queries.shape[1], queries.shape[0], *queries.shape[2:]).transpose(0, 1)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..memory_models import LAYER_NORM_EPS, LinearMemory, MemoryMLP, ResidualNormMemory
-from .chunking import clip_factors
+from .chunking import clip_factors, read_at_starts
+from .dual import dual_chunk_loop
 from .fused import FusedChunkLoop
 from .layout import FlatLayout
 
@@ -47,14 +48,35 @@ def _weighted_sums(rows, deltas, token_weights):
     return sums.view(batch, span, sets, -1)
 
 
+# The chunk loop is chosen here, by measurement (docs/memory-chunks.md, `benchmarks/bench_memory.py
+# --loops`): on a CPU, chunks of up to 8 tokens run in dual form (`dual.py`, in blocks of 32 tokens),
+# which writes the state once per block instead of after every chunk; longer chunks, and every
+# other device until the dual form is measured there, run the fused loop (`fused.py`).
+LOOPS = ("auto", "fused", "dual")
+DUAL_MAX_CHUNK = 8
+DUAL_BLOCK_TOKENS = 32
+
+
 @dataclass(frozen=True)
 class ClosedFormNetwork:
     """A built-in memory network: the matrices `matrix_names` with GELU between, optionally inside
-    `x + LN(.) * norm_scale / sqrt(d)` (`scale_name`). Weights are flat, `(B, P)` in `layout` order."""
+    `x + LN(.) * norm_scale / sqrt(d)` (`scale_name`). Weights are flat, `(B, P)` in `layout` order.
+    `loop`: the chunk loop, one of `LOOPS` ("auto" picks by device and chunk size, see above)."""
 
     layout: FlatLayout
     matrix_names: tuple[str, ...]
     scale_name: str | None
+    loop: str = "auto"
+
+    def __post_init__(self):
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop must be one of {LOOPS}, got {self.loop!r}")
+
+    def loop_for(self, keys) -> str:
+        """The chunk loop that runs keys `(B, N, c, d)`: "fused" or "dual"."""
+        if self.loop != "auto":
+            return self.loop
+        return "dual" if keys.device.type == "cpu" and keys.shape[2] <= DUAL_MAX_CHUNK else "fused"
 
     @classmethod
     def of(cls, model) -> "ClosedFormNetwork | None":
@@ -90,16 +112,30 @@ class ClosedFormNetwork:
     def read(self, weights, x):
         return self.forward(weights, x)[0]
 
+    def chunk_loop(self, state, keys, values, terms, queries=None):
+        """The state after `N` chunks `(B, k, P)` and each chunk's queries read at the weights it
+        starts from `(B, N, c, d)` (None without queries): keys, values, queries `(B, N, c, d)`;
+        `terms` for the `N` chunks. By the loop `loop_for` picks."""
+        if self.loop_for(keys) == "fused":
+            starts, state = self.chunk_states(state, keys, values, terms)
+            return state, read_at_starts(self, starts, queries)
+        offsets, token_weights = self._residual_terms(keys, values, terms)
+        return dual_chunk_loop(self, state, keys, offsets, token_weights, terms.transitions, queries, DUAL_BLOCK_TOKENS)
+
     def chunk_states(self, state, keys, values, terms):
         """The weights before each of `N` chunks `(N, B, P)` and the state after the last
         `(B, k, P)`, by the fused loop (`fused.py`): keys, values `(B, N, c, d)`; `terms` for the
         `N` chunks."""
+        offsets, token_weights = self._residual_terms(keys, values, terms)
+        return FusedChunkLoop.apply(self, state, keys, offsets, token_weights, terms.transitions)
+
+    def _residual_terms(self, keys, values, terms):
+        """The loops' residual offsets and token weights (see `fused.py`)."""
         dim = keys.shape[-1]
         if self.scale_name is None:  # residual M(k) - v = mlp(k) - v
-            offsets, factor = -values, 2.0
-        else:  # k + LN(mlp(k)) s / sqrt(d) - v
-            offsets, factor = keys - values, 2.0 * dim**-0.5
-        return FusedChunkLoop.apply(self, state, keys, offsets, terms.token_weights * factor, terms.transitions)
+            return -values, terms.token_weights * 2.0
+        # k + LN(mlp(k)) s / sqrt(d) - v
+        return keys - values, terms.token_weights * (2.0 * dim**-0.5)
 
     def grad_sums(self, weights, keys, values, token_weights, max_grad_norm=None):
         """Token-weighted sums of the per-token gradients `u_i = grad_W ||M(k_i; W) - v_i||^2` of

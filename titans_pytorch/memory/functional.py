@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad, vjp, vmap
 
-from .chunking import clip_factors, sequential_states
+from .chunking import clip_factors, read_at_starts, sequential_states
 from .layout import FlatLayout
 
 
@@ -69,6 +69,11 @@ class TorchFuncNetwork:
 
     def chunk_states(self, state, keys, values, terms):
         return sequential_states(self, state, keys, values, terms)
+
+    def chunk_loop(self, state, keys, values, terms, queries=None):
+        """As `ClosedFormNetwork.chunk_loop`: one chunk after another, then the reads."""
+        starts, state = self.chunk_states(state, keys, values, terms)
+        return state, read_at_starts(self, starts, queries)
 
     def grad_sums(self, weights, keys, values, token_weights, max_grad_norm=None):
         """As `ClosedFormNetwork.grad_sums`: keys, values `(B, r, c, d)`, token_weights
