@@ -4,6 +4,7 @@
     python benchmarks/bench_memory.py --threads 1     # the CPU reference setting
     python benchmarks/bench_memory.py --quick         # tiny sizes, smoke test
     python benchmarks/bench_memory.py --only-dispatch # just (1)
+    python benchmarks/bench_memory.py --only-loops    # just (1b)
 
 Prints (1) what one chunk costs the host at a tiny size (dim 32, 8 heads of 4, chunk 16, where
 arithmetic is negligible): aten compute ops dispatched per chunk, forward and backward, and host
@@ -11,12 +12,15 @@ microseconds per chunk, for each memory network; on a GPU the host's time per ch
 time per chunk unless the GPU is slower; (2) the fp32 rate of a 2048^3 matmul; (3) forward /
 forward+backward time, tokens/s, peak memory and an analytic FLOP count for a few
 configurations, with one causal SDPA attention layer of the same width as a yardstick on CUDA;
-(4) a sequence-length sweep of the seed configuration next to that attention layer.
+(4) a sequence-length sweep of the seed configuration next to that attention layer. (1b) times
+the built-in networks' two chunk loops (fused, dual form) against each other by chunk size, at the
+memory shape of train_mac.py's base preset: the measurement `ClosedFormNetwork.loop_for` follows.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import resource
 import statistics
@@ -139,6 +143,26 @@ def print_dispatch(device):
     print_table(("memory network", "ops forward", "ops backward", "ops total", "host us"), rows)
 
 
+def print_loops(device, repeats, chunk_sizes=(1, 2, 4, 8, 16, 64)):
+    """Forward+backward of one memory layer of train_mac.py's base preset (4 heads of 64, momentum)
+    on a batch of 4 x 256 tokens, on each chunk loop of the built-in networks, by chunk size."""
+    rows = []
+    x = torch.randn(4, 256, 256, device=device)
+    for chunk in chunk_sizes:
+        mem = NeuralMemory(256, chunk_size=chunk, heads=4, dim_head=64).to(device)
+        auto = mem.network
+        times = {}
+        for loop in ("fused", "dual"):
+            mem.network = dataclasses.replace(auto, loop=loop)
+            times[loop] = median_time(lambda: mem(x).square().mean().backward(), device, repeats)
+        picked = auto.loop_for(torch.empty(1, 1, chunk, 1, device=device))
+        rows.append((chunk, f"{times['fused'] * 1e3:,.0f}", f"{times['dual'] * 1e3:,.0f}",
+                     f"{times['fused'] / times['dual']:.2f}", picked))
+    print("chunk loops: NeuralMemory(256, heads=4, dim_head=64) forward+backward on 4 x 256 tokens, ms")
+    print_table(("chunk", "fused", "dual", "fused / dual", "auto picks"), rows)
+    print()
+
+
 def print_table(headers, rows):
     """Plain-text table: first column left-aligned, the others right-aligned."""
     cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
@@ -195,6 +219,7 @@ def main():
     parser.add_argument("--skip-sweep", action="store_true", help="skip the sequence-length sweep")
     parser.add_argument("--sweep-lengths", default="1024,2048,4096,8192,16384", help="comma-separated lengths")
     parser.add_argument("--only-dispatch", action="store_true", help="only the per-chunk dispatch table")
+    parser.add_argument("--only-loops", action="store_true", help="only the chunk loops' table")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="CUDA: also time forward+backward captured by torch.cuda.make_graphed_callables")
     args = parser.parse_args()
@@ -211,8 +236,13 @@ def main():
     )
 
     # 1. what a chunk costs the host
-    print_dispatch(device)
+    if not args.only_loops:
+        print_dispatch(device)
     if args.only_dispatch:
+        return
+    # 1b. the two chunk loops by chunk size
+    print_loops(device, args.repeats, (2, 16) if args.quick else (1, 2, 4, 8, 16, 64))
+    if args.only_loops:
         return
 
     # 2. this machine's fp32 matmul rate

@@ -98,9 +98,9 @@ def test_dual_writes_no_weight_sized_tensor_per_chunk():
 
 def test_loop_choice_and_bad_loop():
     network = ClosedFormNetwork.of(MemoryMLP(4))
-    cpu = torch.zeros(1, 2, 8, 4)
+    cpu = torch.zeros(1, 2, 4, 4)  # (B, N, c, d): chunks of 4 tokens
     assert network.loop_for(cpu) == "dual"
-    assert network.loop_for(torch.zeros(1, 2, 16, 4)) == "fused"
+    assert network.loop_for(torch.zeros(1, 2, 8, 4)) == "fused"
     assert dataclasses.replace(network, loop="fused").loop_for(cpu) == "fused"
     with pytest.raises(ValueError, match="loop must be one of"):
         dataclasses.replace(network, loop="fast")
@@ -118,3 +118,20 @@ def test_module_on_either_loop_equal(float64):
         results.append([out, state.flat, *torch.autograd.grad(loss, [seq, *mem.parameters()])])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.cuda
+def test_dual_on_cuda_equals_cpu_float64():
+    torch.manual_seed(0)
+    mem = NeuralMemory(32, chunk_size=4, heads=2, dim_head=16)
+    seq = torch.randn(2, 22, 32)
+    results = []
+    for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
+        copy = NeuralMemory(32, chunk_size=4, heads=2, dim_head=16).to(device, dtype)
+        copy.load_state_dict(mem.state_dict())
+        copy.network = dataclasses.replace(copy.network, loop="dual")
+        x = seq.to(device, dtype).requires_grad_()
+        out = copy(x)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [x, *copy.parameters()])])
+    for cpu, cuda in zip(*results):
+        torch.testing.assert_close(cuda.cpu().double(), cpu, atol=2e-3, rtol=2e-3)

@@ -49,11 +49,12 @@ def _weighted_sums(rows, deltas, token_weights):
 
 
 # The chunk loop is chosen here, by measurement (docs/memory-chunks.md, `benchmarks/bench_memory.py
-# --loops`): on a CPU, chunks of up to 8 tokens run in dual form (`dual.py`, in blocks of 32 tokens),
-# which writes the state once per block instead of after every chunk; longer chunks, and every
-# other device until the dual form is measured there, run the fused loop (`fused.py`).
+# --only-loops`): on a CPU, chunks of up to 4 tokens run in dual form (`dual.py`, in blocks of 32
+# tokens), which writes the state once per block instead of after every chunk (at 8 tokens the two
+# were even); longer chunks, and every other device until the dual form is measured there, run
+# the fused loop (`fused.py`).
 LOOPS = ("auto", "fused", "dual")
-DUAL_MAX_CHUNK = 8
+DUAL_MAX_CHUNK = 4
 DUAL_BLOCK_TOKENS = 32
 
 

@@ -23,6 +23,8 @@ one per segment); autograd differentiates it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -86,8 +88,12 @@ class _FirstState:
     `times_t(y, m, coeffs) = sum_r coeffs[r] y W_m^(r)^T` (the transposed rows side by side, one copy)."""
 
     def __init__(self, params, names):
+        self.params, self.names = params, names
         self.stacked = [params[name].flatten(1, 2) for name in names]  # (B, k d_in, d_out)
-        self.side_t = [params[name].permute(0, 3, 1, 2).flatten(2) for name in names]  # (B, d_out, k d_in)
+
+    @functools.cached_property
+    def side_t(self):  # (B, d_out, k d_in), copied once where needed
+        return [self.params[name].permute(0, 3, 1, 2).flatten(2) for name in self.names]
 
     def times(self, x, m, coeffs):
         return torch.bmm(_spread(x, coeffs), self.stacked[m])
