@@ -14,6 +14,7 @@ the aten compute ops it dispatches, forward and backward, and the CPU time they 
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from bench_memory import device_name, marginal_dispatch_cost, median_time, print
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train_mac import MODEL_CLASSES, PRESETS, build_model  # noqa: E402  (the trainer's models)
+from titans_pytorch import NeuralMemory  # noqa: E402
 
 
 def train_model(device, name="mac", ff_mult=4.0):
@@ -66,6 +68,7 @@ def print_breakdown(device, batch, seq_len, repeats):
     off in turn: what each part costs."""
     arch = PRESETS["base"]["arch"]
     variants = (("MAC (the base preset)", "mac", arch),
+                ("MAC, memory on the fused chunk loop", "mac-fused", arch),
                 ("MAC, one residual stream", "mac", {**arch, "num_residual_streams": 1}),
                 ("no memory layers", "window", arch),
                 ("no memory layers, one residual stream", "window", {**arch, "num_residual_streams": 1}))
@@ -73,7 +76,11 @@ def print_breakdown(device, batch, seq_len, repeats):
     rows = []
     for label, name, variant in variants:
         torch.manual_seed(0)
-        model = build_model(name, variant).to(device)
+        model = build_model(name.removesuffix("-fused"), variant).to(device)
+        if name.endswith("-fused"):  # the loop the memory layers ran before the dual form (memory/closed_form.py)
+            for module in model.modules():
+                if isinstance(module, NeuralMemory):
+                    module.network = dataclasses.replace(module.network, loop="fused")
 
         def step():
             model.zero_grad(set_to_none=True)

@@ -143,21 +143,24 @@ def print_dispatch(device):
     print_table(("memory network", "ops forward", "ops backward", "ops total", "host us"), rows)
 
 
-def print_loops(device, repeats, cases=((1, 256), (2, 256), (4, 256), (8, 256), (16, 256), (64, 256), (4, 32))):
+def print_loops(device, repeats, cases=((1, 4, 256), (2, 4, 256), (4, 4, 256), (8, 4, 256), (16, 4, 256),
+                                       (64, 4, 256), (4, 4, 32), (4, 2, 256), (4, 1, 256))):
     """Forward+backward of one memory layer of train_mac.py's base preset (4 heads of 64, momentum)
-    on a batch of 4 x `length` tokens, on each chunk loop of the built-in networks, for each
-    (chunk size, length) case; 4 x 32 with chunk 4 is one segment of the base MAC."""
+    on `batch x length` tokens, on each chunk loop of the built-in networks, for each (chunk size,
+    batch, length) case: 4 x 32 with chunk 4 is one segment of the base MAC; batch 2 and 1 halve and
+    quarter the state (2^20 elements at batch 4)."""
     rows = []
-    for chunk, length in cases:
-        x = torch.randn(4, length, 256, device=device)
+    for chunk, batch, length in cases:
+        x = torch.randn(batch, length, 256, device=device)
         mem = NeuralMemory(256, chunk_size=chunk, heads=4, dim_head=64).to(device)
         auto = mem.network
         times = {}
         for loop in ("fused", "dual"):
             mem.network = dataclasses.replace(auto, loop=loop)
             times[loop] = median_time(lambda: mem(x).square().mean().backward(), device, repeats)
-        picked = auto.loop_for(torch.empty(1, 1, chunk, 1, device=device))
-        rows.append((chunk, f"4 x {length}", f"{times['fused'] * 1e3:,.1f}", f"{times['dual'] * 1e3:,.1f}",
+        state = torch.empty(batch * 4, 2, auto.layout.size, device="meta")
+        picked = auto.loop_for(state, torch.empty(1, 1, chunk, 1, device=device))
+        rows.append((chunk, f"{batch} x {length}", f"{times['fused'] * 1e3:,.1f}", f"{times['dual'] * 1e3:,.1f}",
                      f"{times['fused'] / times['dual']:.2f}", picked))
     print("chunk loops: NeuralMemory(256, heads=4, dim_head=64) forward+backward, ms")
     print_table(("chunk", "batch x len", "fused", "dual", "fused / dual", "auto picks"), rows)
@@ -242,7 +245,7 @@ def main():
     if args.only_dispatch:
         return
     # 1b. the two chunk loops by chunk size
-    print_loops(device, args.repeats, ((2, 64), (16, 64)) if args.quick else print_loops.__defaults__[0])
+    print_loops(device, args.repeats, ((2, 1, 64), (16, 1, 64)) if args.quick else print_loops.__defaults__[0])
     if args.only_loops:
         return
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything GPU-related in one run, for a session with a lent GPU (see the README's Performance
 # section): the CUDA tests, NeuralMemory timings (eager and captured as CUDA graphs) beside one
-# SDPA layer, the language models' training step and decoding, and torchrun with nccl.
+# SDPA layer and the two chunk loops (fused, dual form) by chunk size, the language models' training
+# step and decoding, and torchrun with nccl.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # from the project root; OUT_DIR defaults to $OUT or runs/gpu
 #

@@ -98,10 +98,13 @@ def test_dual_writes_no_weight_sized_tensor_per_chunk():
 
 def test_loop_choice_and_bad_loop():
     network = ClosedFormNetwork.of(MemoryMLP(4))
-    cpu = torch.zeros(1, 2, 4, 4)  # (B, N, c, d): chunks of 4 tokens
-    assert network.loop_for(cpu) == "dual"
-    assert network.loop_for(torch.zeros(1, 2, 8, 4)) == "fused"
-    assert dataclasses.replace(network, loop="fused").loop_for(cpu) == "fused"
+    large, small = torch.empty(1 << 19), torch.empty(1 << 18)  # states (only their size counts)
+    keys = torch.zeros(1, 2, 4, 4)  # (B, N, c, d): chunks of 4 tokens
+    assert network.loop_for(large, keys) == "dual"
+    assert network.loop_for(small, keys) == "fused"
+    assert network.loop_for(large, torch.zeros(1, 2, 8, 4)) == "fused"
+    assert dataclasses.replace(network, loop="fused").loop_for(large, keys) == "fused"
+    assert dataclasses.replace(network, loop="dual").loop_for(small, keys) == "dual"
     with pytest.raises(ValueError, match="loop must be one of"):
         dataclasses.replace(network, loop="fast")
 
@@ -135,3 +138,24 @@ def test_dual_on_cuda_equals_cpu_float64():
         results.append([out, *torch.autograd.grad(out.square().sum(), [x, *copy.parameters()])])
     for cpu, cuda in zip(*results):
         torch.testing.assert_close(cuda.cpu().double(), cpu, atol=2e-3, rtol=2e-3)
+
+
+def test_mac_on_either_loop_equal(float64):
+    # the whole model, segment by segment, memory layers on the dual form and on the fused loop
+    from titans_pytorch import MemoryAsContextTransformer
+
+    torch.manual_seed(0)
+    model = MemoryAsContextTransformer(num_tokens=32, dim=16, depth=2, segment_len=4, num_persist_mem_tokens=2,
+                                       num_longterm_mem_tokens=2, heads=2, dim_head=8, num_residual_streams=2,
+                                       neural_memory_kwargs=dict(chunk_size=2, heads=2, dim_head=8))
+    ids = torch.randint(0, 32, (2, 21))
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    results = []
+    for loop in ("dual", "fused"):
+        for mem in memories:
+            mem.network = dataclasses.replace(mem.network, loop=loop)
+        loss = model(ids, return_loss=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append([loss, *torch.autograd.grad(loss, params)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)

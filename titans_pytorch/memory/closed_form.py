@@ -49,12 +49,15 @@ def _weighted_sums(rows, deltas, token_weights):
 
 
 # The chunk loop is chosen here, by measurement (docs/memory-chunks.md, `benchmarks/bench_memory.py
-# --only-loops`): on a CPU, chunks of up to 4 tokens run in dual form (`dual.py`, in blocks of 32
-# tokens), which writes the state once per block instead of after every chunk (at 8 tokens the two
-# were even); longer chunks, and every other device until the dual form is measured there, run
-# the fused loop (`fused.py`).
+# --only-loops`): on a CPU, chunks of up to 4 tokens with a state of at least 2^19 elements (batch x
+# heads x rows x weights; train_mac.py's base preset has 2^20) run in dual form (`dual.py`, in
+# blocks of 32 tokens), which writes the state once per block instead of after every chunk; at 8
+# tokens the two were even, and below that state size the dual form's extra ops per chunk cost
+# more than the state traffic it saves. Everything else, and every other device until the dual
+# form is measured there, runs the fused loop (`fused.py`).
 LOOPS = ("auto", "fused", "dual")
 DUAL_MAX_CHUNK = 4
+DUAL_MIN_STATE = 1 << 19
 DUAL_BLOCK_TOKENS = 32
 
 
@@ -73,11 +76,12 @@ class ClosedFormNetwork:
         if self.loop not in LOOPS:
             raise ValueError(f"loop must be one of {LOOPS}, got {self.loop!r}")
 
-    def loop_for(self, keys) -> str:
-        """The chunk loop that runs keys `(B, N, c, d)`: "fused" or "dual"."""
+    def loop_for(self, state, keys) -> str:
+        """The chunk loop that runs state `(B, k, P)` over keys `(B, N, c, d)`: "fused" or "dual"."""
         if self.loop != "auto":
             return self.loop
-        return "dual" if keys.device.type == "cpu" and keys.shape[2] <= DUAL_MAX_CHUNK else "fused"
+        dual = keys.device.type == "cpu" and keys.shape[2] <= DUAL_MAX_CHUNK and state.numel() >= DUAL_MIN_STATE
+        return "dual" if dual else "fused"
 
     @classmethod
     def of(cls, model) -> "ClosedFormNetwork | None":
@@ -117,7 +121,7 @@ class ClosedFormNetwork:
         """The state after `N` chunks `(B, k, P)` and each chunk's queries read at the weights it
         starts from `(B, N, c, d)` (None without queries): keys, values, queries `(B, N, c, d)`;
         `terms` for the `N` chunks. By the loop `loop_for` picks."""
-        if self.loop_for(keys) == "fused":
+        if self.loop_for(state, keys) == "fused":
             starts, state = self.chunk_states(state, keys, values, terms)
             return state, read_at_starts(self, starts, queries)
         offsets, token_weights = self._residual_terms(keys, values, terms)
