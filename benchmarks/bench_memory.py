@@ -148,16 +148,19 @@ def print_loops(device, repeats, cases=((1, 4, 256), (2, 4, 256), (4, 4, 256), (
     """Forward+backward of one memory layer of train_mac.py's base preset (4 heads of 64, momentum)
     on `batch x length` tokens, on each chunk loop of the built-in networks, for each (chunk size,
     batch, length) case: 4 x 32 with chunk 4 is one segment of the base MAC; batch 2 and 1 halve and
-    quarter the state (2^20 elements at batch 4)."""
+    quarter the state (2^20 elements at batch 4). The two loops' runs are interleaved."""
     rows = []
     for chunk, batch, length in cases:
         x = torch.randn(batch, length, 256, device=device)
         mem = NeuralMemory(256, chunk_size=chunk, heads=4, dim_head=64).to(device)
         auto = mem.network
-        times = {}
-        for loop in ("fused", "dual"):
-            mem.network = dataclasses.replace(auto, loop=loop)
-            times[loop] = median_time(lambda: mem(x).square().mean().backward(), device, repeats)
+        networks = {loop: dataclasses.replace(auto, loop=loop) for loop in ("fused", "dual")}
+        runs = {loop: [] for loop in networks}
+        for _ in range(repeats + 1):  # interleaved, so that a drift of the machine's speed hits both; the first is warm-up
+            for loop, network in networks.items():
+                mem.network = network
+                runs[loop].append(median_time(lambda: mem(x).square().mean().backward(), device, 1))
+        times = {loop: statistics.median(t[1:]) for loop, t in runs.items()}
         state = torch.empty(batch * 4, 2, auto.layout.size, device="meta")
         picked = auto.loop_for(state, torch.empty(1, 1, chunk, 1, device=device))
         rows.append((chunk, f"{batch} x {length}", f"{times['fused'] * 1e3:,.1f}", f"{times['dual'] * 1e3:,.1f}",

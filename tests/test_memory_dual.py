@@ -98,7 +98,7 @@ def test_dual_writes_no_weight_sized_tensor_per_chunk():
 
 def test_loop_choice_and_bad_loop():
     network = ClosedFormNetwork.of(MemoryMLP(4))
-    large, small = torch.empty(1 << 19), torch.empty(1 << 18)  # states (only their size counts)
+    large, small = torch.empty(1 << 20), torch.empty(1 << 19)  # states (only their size counts)
     keys = torch.zeros(1, 2, 4, 4)  # (B, N, c, d): chunks of 4 tokens
     assert network.loop_for(large, keys) == "dual"
     assert network.loop_for(small, keys) == "fused"

@@ -49,15 +49,15 @@ def _weighted_sums(rows, deltas, token_weights):
 
 
 # The chunk loop is chosen here, by measurement (docs/memory-chunks.md, `benchmarks/bench_memory.py
-# --only-loops`): on a CPU, chunks of up to 4 tokens with a state of at least 2^19 elements (batch x
-# heads x rows x weights; train_mac.py's base preset has 2^20) run in dual form (`dual.py`, in
+# --only-loops`): on a CPU, chunks of up to 4 tokens with a state of at least 2^20 elements (batch x
+# heads x rows x weights, as in train_mac.py's base preset) run in dual form (`dual.py`, in
 # blocks of 32 tokens), which writes the state once per block instead of after every chunk; at 8
 # tokens the two were even, and below that state size the dual form's extra ops per chunk cost
 # more than the state traffic it saves. Everything else, and every other device until the dual
 # form is measured there, runs the fused loop (`fused.py`).
 LOOPS = ("auto", "fused", "dual")
 DUAL_MAX_CHUNK = 4
-DUAL_MIN_STATE = 1 << 19
+DUAL_MIN_STATE = 1 << 20
 DUAL_BLOCK_TOKENS = 32
 
 
