@@ -9,19 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from dispatch import ElementsWritten
-from titans_pytorch import LinearMemory, MemoryMLP, NeuralMemory, ResidualNormMemory
+from test_memory_fused import MODELS  # the same five networks
+from titans_pytorch import MemoryMLP, NeuralMemory, ResidualNormMemory
 from titans_pytorch.memory.chunking import update_terms
 from titans_pytorch.memory.closed_form import ClosedFormNetwork
 from titans_pytorch.memory.dual import dual_chunk_loop, transition_products
-
-MODELS = {
-    "linear": lambda d: LinearMemory(d),
-    "mlp2": lambda d: MemoryMLP(d, depth=2, expansion=2),
-    "mlp3": lambda d: MemoryMLP(d, depth=3, expansion=2),
-    "residual_norm": lambda d: ResidualNormMemory(d, depth=2, expansion=2),
-    "residual_norm_linear": lambda d: ResidualNormMemory(d, model=LinearMemory(d)),
-}
-
 
 def problem(network, batch, chunks, chunk, dim, momentum, seed=0):
     gen = torch.Generator().manual_seed(seed)

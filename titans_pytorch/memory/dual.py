@@ -102,6 +102,18 @@ class _FirstState:
         return _mix(torch.bmm(y, self.side_t[m]), coeffs)
 
 
+def _past_term_backward(grad_out, x, past_keys, past_values, mask, grad_mask):
+    """The backward of a chunk's term over the block's earlier tokens, `out = ((x K^T) * mask) V`:
+    x `(B, c, a)`, K `(B, seen, a)`, V `(B, seen, b)`, mask `(B, 1, seen)` (gamma_j). Returns the
+    gradients of x, K and V, and adds the mask's (summed over the chunk's rows) into `grad_mask (B, seen)`."""
+    scores = torch.bmm(x, past_keys.transpose(1, 2))
+    grad_scores = torch.bmm(grad_out, past_values.transpose(1, 2))
+    grad_mask += (grad_scores * scores).sum(1)
+    grad_values = torch.bmm((scores * mask).transpose(1, 2), grad_out)
+    grad_scores.mul_(mask)
+    return torch.bmm(grad_scores, past_keys), torch.bmm(grad_scores.transpose(1, 2), x), grad_values
+
+
 def _gelu_slope(z):
     return torch.ops.aten.gelu_backward(torch.ones_like(z), z)
 
@@ -231,15 +243,12 @@ class DualChunkLoop(torch.autograd.Function):
                 grad_back = torch.mul(grad_delta, slopes[m - 1][:, now], out=grad_backs[m][:, now])
                 delta = deltas[m][:, now]
                 grad_deltas[m][:, now] += first.times(grad_back, m, coeff)
-                if seen:
-                    past_acts, past_deltas = acts[m][:, :seen], deltas[m][:, :seen]
-                    scores = torch.bmm(delta, past_deltas.transpose(1, 2))
-                    grad_scores = torch.bmm(grad_back, past_acts.transpose(1, 2))
-                    grad_gamma[:, j, :seen] += (grad_scores * scores).sum(1)
-                    grad_acts[m][:, :seen] += torch.bmm((scores * mask).transpose(1, 2), grad_back)
-                    grad_scores.mul_(mask)
-                    grad_deltas[m][:, now] += torch.bmm(grad_scores, past_deltas)
-                    grad_deltas[m][:, :seen] += torch.bmm(grad_scores.transpose(1, 2), delta)
+                if seen:  # back_m += ((delta_m Delta_m^T) * gamma_j) A_m
+                    grad_delta, grad_past_deltas, grad_past_acts = _past_term_backward(
+                        grad_back, delta, deltas[m][:, :seen], acts[m][:, :seen], mask, grad_gamma[:, j, :seen])
+                    grad_deltas[m][:, now] += grad_delta
+                    grad_deltas[m][:, :seen] += grad_past_deltas
+                    grad_acts[m][:, :seen] += grad_past_acts
             top = grad_deltas[depth - 1][:, now]
             if scale_name is None:
                 grad_offsets[:, now] = top
@@ -272,15 +281,11 @@ class DualChunkLoop(torch.autograd.Function):
                 a = acts[m][:, now]
                 grad_a = first.times_t(grad, m, coeff) if m else None  # the first layer's: batched below
                 if seen:
-                    past_acts, past_deltas = acts[m][:, :seen], deltas[m][:, :seen]
-                    scores = torch.bmm(a, past_acts.transpose(1, 2))
-                    grad_scores = torch.bmm(grad, past_deltas.transpose(1, 2))
-                    grad_gamma[:, j, :seen] += (grad_scores * scores).sum(1)
-                    grad_deltas[m][:, :seen] += torch.bmm((scores * mask).transpose(1, 2), grad)
-                    grad_scores.mul_(mask)
-                    from_past = torch.bmm(grad_scores, past_acts)
+                    from_past, grad_past_acts, grad_past_deltas = _past_term_backward(
+                        grad, a, acts[m][:, :seen], deltas[m][:, :seen], mask, grad_gamma[:, j, :seen])
                     grad_a = from_past if grad_a is None else grad_a + from_past
-                    grad_acts[m][:, :seen] += torch.bmm(grad_scores.transpose(1, 2), a)
+                    grad_acts[m][:, :seen] += grad_past_acts
+                    grad_deltas[m][:, :seen] += grad_past_deltas
                 if m:
                     grad_a = grad_a + grad_acts[m][:, now]
                     grad_z[m - 1][:, now].addcmul_(grad_a, slopes[m - 1][:, now])
