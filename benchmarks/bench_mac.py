@@ -67,20 +67,20 @@ def print_breakdown(device, batch, seq_len, repeats):
     """The base MAC's training step with its memory layers and its hyper-connection streams switched
     off in turn: what each part costs."""
     arch = PRESETS["base"]["arch"]
-    variants = (("MAC (the base preset)", "mac", arch),
-                ("MAC, memory on the fused chunk loop", "mac-fused", arch),
-                ("MAC, one residual stream", "mac", {**arch, "num_residual_streams": 1}),
-                ("no memory layers", "window", arch),
-                ("no memory layers, one residual stream", "window", {**arch, "num_residual_streams": 1}))
+    # (label, model, architecture, the memory layers' chunk loop: "auto" is the library's choice)
+    variants = (("MAC (the base preset)", "mac", arch, "auto"),
+                ("MAC, memory on the fused chunk loop", "mac", arch, "fused"),
+                ("MAC, one residual stream", "mac", {**arch, "num_residual_streams": 1}, "auto"),
+                ("no memory layers", "window", arch, "auto"),
+                ("no memory layers, one residual stream", "window", {**arch, "num_residual_streams": 1}, "auto"))
     ids = torch.randint(0, 256, (batch, seq_len + 1), device=device)
     rows = []
-    for label, name, variant in variants:
+    for label, name, variant, loop in variants:
         torch.manual_seed(0)
-        model = build_model(name.removesuffix("-fused"), variant).to(device)
-        if name.endswith("-fused"):  # the loop the memory layers ran before the dual form (memory/closed_form.py)
-            for module in model.modules():
-                if isinstance(module, NeuralMemory):
-                    module.network = dataclasses.replace(module.network, loop="fused")
+        model = build_model(name, variant).to(device)
+        for module in model.modules():
+            if isinstance(module, NeuralMemory):  # memory/closed_form.py: the loop the built-in networks run
+                module.network = dataclasses.replace(module.network, loop=loop)
 
         def step():
             model.zero_grad(set_to_none=True)

@@ -65,7 +65,7 @@ DUAL_BLOCK_TOKENS = 32
 class ClosedFormNetwork:
     """A built-in memory network: the matrices `matrix_names` with GELU between, optionally inside
     `x + LN(.) * norm_scale / sqrt(d)` (`scale_name`). Weights are flat, `(B, P)` in `layout` order.
-    `loop`: the chunk loop, one of `LOOPS` ("auto" picks by device and chunk size, see above)."""
+    `loop`: the chunk loop, one of `LOOPS` ("auto" picks by device, chunk size and state size, see above)."""
 
     layout: FlatLayout
     matrix_names: tuple[str, ...]

@@ -15,10 +15,12 @@ a product with the fixed first state plus an attention-like term over the call's
     a W_{m,j} = sum_r beta_j[r] (a state_0[r]_m) + ((a A_m^T) * gamma_j) Delta_m,
     delta W_{m,j}^T = sum_r beta_j[r] (delta state_0[r]_m^T) + ((delta Delta_m^T) * gamma_j) A_m,
 
-and so are the reads: all chunks' queries go through the network at once after the loop. Only
-the state after the last chunk is written, once. The cost per chunk grows with the call's
-length (the attention-like terms), so this suits calls of a few chunks (memory as context runs
-one per segment); autograd differentiates it.
+and so are the reads: all chunks' queries go through the network at once after the loop. The
+state is written once per block of chunks, not after every chunk. The attention-like terms grow
+with the block, so long calls go in blocks (`dual_chunk_loop`'s `block_tokens`). `DualChunkLoop`
+runs the chunks of a block with its backward written out; the final state and the reads are
+batched expressions of its outputs, left to autograd. docs/memory-chunks.md has the derivation
+and the measurements that choose between this and `fused.py` (`closed_form.py`).
 """
 
 from __future__ import annotations
@@ -29,12 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..memory_models import LAYER_NORM_EPS
-
-_layer_norm_backward_op = torch.ops.aten.native_layer_norm_backward.default
-
-
-def _layer_norm_backward(grad, z, mean, rstd):
-    return _layer_norm_backward_op(grad, z, (z.shape[-1],), mean, rstd, None, None, [True, False, False])[0]
+from .fused import gelu_slope_and_back_curvature, layer_norm_backward
 
 
 def transition_products(transitions):
@@ -64,9 +61,6 @@ def dual_coefficients(token_weights, transitions):
     after = products[:, :, 1:]  # (B, N+1, N, k, k): P_{j, i+1}
     gamma = torch.einsum("bjirs,bits->bjrit", after, token_weights).flatten(-2)
     return start, gamma
-
-
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
 
 
 def _mix(products, coeffs):
@@ -112,10 +106,6 @@ def _past_term_backward(grad_out, x, past_keys, past_values, mask, grad_mask):
     grad_values = torch.bmm((scores * mask).transpose(1, 2), grad_out)
     grad_scores.mul_(mask)
     return torch.bmm(grad_scores, past_keys), torch.bmm(grad_scores.transpose(1, 2), x), grad_values
-
-
-def _gelu_slope(z):
-    return torch.ops.aten.gelu_backward(torch.ones_like(z), z)
 
 
 class DualChunkLoop(torch.autograd.Function):
@@ -178,7 +168,7 @@ class DualChunkLoop(torch.autograd.Function):
                 residuals[:, now], means[:, now], rstds[:, now] = residual, mean, rstd
                 scaled[:, now] = residual * scale
                 scale_rows[:, now] = residual * normed
-                delta = _layer_norm_backward(scaled[:, now], z, mean, rstd)
+                delta = layer_norm_backward(scaled[:, now], z, mean, rstd)
             deltas[depth - 1][:, now] = delta
             for m in range(depth - 1, 0, -1):  # delta_{m-1} = gelu'(z_{m-1}) * (delta_m W_m^T)
                 back = first.times_t(delta, m, coeff)
@@ -224,14 +214,13 @@ class DualChunkLoop(torch.autograd.Function):
         if scale_name is not None:
             grad_rows = grads[-1].clone() if grads[-1] is not None else zeros(scale_rows)
             grad_scales = zeros(scales)
-        # what depends on the forward pass alone, for all tokens at once: GELU's slopes gelu'(z_m), and
-        # d delta_m / d z_m = back * gelu''(z_m), gelu''(z) = exp(-z^2 / 2) (2 - z^2) / sqrt(2 pi)
+        # what depends on the forward pass alone, for all tokens at once: GELU's slopes gelu'(z_m) and
+        # d delta_m / d z_m = back * gelu''(z_m)
         slopes, back_curvatures = [], []
         for m in range(1, depth):
-            z = pre[m - 1]
-            slopes.append(_gelu_slope(z))
-            squared = z.square()
-            back_curvatures.append(torch.exp(squared * -0.5).mul_((2 - squared) * _INV_SQRT_2PI).mul_(backs[m]))
+            slope, back_curvature = gelu_slope_and_back_curvature(pre[m - 1], backs[m])
+            slopes.append(slope)
+            back_curvatures.append(back_curvature)
         for j in range(num_chunks - 1, -1, -1):
             seen, now = j * chunk, slice(j * chunk, (j + 1) * chunk)
             coeff = start[:, j : j + 1]  # (B, 1, k)
@@ -259,7 +248,7 @@ class DualChunkLoop(torch.autograd.Function):
                 normed = (z - mean) * rstd
                 scale = scales[:, j : j + 1]
                 grad_products = grad_rows[:, now]  # d/d(e * n)
-                grad_scaled = _layer_norm_backward(top, z, mean, rstd)  # d/d(e * s)
+                grad_scaled = layer_norm_backward(top, z, mean, rstd)  # d/d(e * s)
                 grad_residual = torch.addcmul(grad_scaled * scale, grad_products, normed)
                 grad_offsets[:, now] = grad_residual
                 grad_scale = torch.addcmul(grad_scaled * e, grad_residual, normed, value=dim**-0.5).sum(1, keepdim=True)
@@ -270,7 +259,7 @@ class DualChunkLoop(torch.autograd.Function):
                 grad_normed = top * ((scaled[:, now] * normed).sum(-1, keepdim=True) * factor)
                 grad_normed = torch.addcmul(grad_normed, scaled[:, now] * factor, (top * normed).sum(-1, keepdim=True))
                 grad_normed = torch.addcmul(torch.addcmul(grad_normed, grad_products, e), grad_residual, scale, value=dim**-0.5)
-                grad_z[depth - 1][:, now] = torch.addcmul(_layer_norm_backward(grad_normed, z, mean, rstd), normed,
+                grad_z[depth - 1][:, now] = torch.addcmul(layer_norm_backward(grad_normed, z, mean, rstd), normed,
                                                           (top * delta).sum(-1, keepdim=True) * rstd, value=-1 / dim)
                 if seen:  # scale_j = start_j state_0 + gamma_j (e * n) of the chunks before
                     grad_gamma[:, j, :seen] += torch.bmm(scale_rows[:, :seen], grad_scale.transpose(1, 2))[..., 0]

@@ -51,8 +51,17 @@ _layer_norm_backward_op = torch.ops.aten.native_layer_norm_backward.default
 _NO_AFFINE = [True, False, False]
 
 
-def _layer_norm_backward(grad, z, mean, rstd):
+def layer_norm_backward(grad, z, mean, rstd):
+    """aten's LayerNorm backward without affine parameters: `grad` through `LN(z)` (mean and rstd of z)."""
     return _layer_norm_backward_op(grad, z, (z.shape[-1],), mean, rstd, None, None, _NO_AFFINE)[0]
+
+
+def gelu_slope_and_back_curvature(z, back):
+    """For `delta = gelu'(z) * back`: `gelu'(z)`, and `d delta / d z = back * gelu''(z)` with
+    `gelu''(z) = exp(-z^2 / 2) (2 - z^2) / sqrt(2 pi)` (all elementwise)."""
+    squared = z.square()
+    curvature = torch.exp(squared * -0.5).mul_((2 - squared) * _INV_SQRT_2PI)
+    return _gelu_backward(torch.ones_like(z), z), curvature.mul_(back)
 
 
 def _widths(network):
@@ -211,7 +220,7 @@ class FusedChunkLoop(torch.autograd.Function):
                     residual = torch.addcmul(chunk_offsets[j], normed, scales[j], value=dim**-0.5,
                                              out=residual_chunks[j])  # M(k) - v
                     scaled = torch.mul(residual, scales[j], out=scaled_chunks[j])
-                    delta = _layer_norm_backward(scaled, h, mean, rstd)
+                    delta = layer_norm_backward(scaled, h, mean, rstd)
                     for saved, t in zip(norm, (normed, mean, rstd)):
                         saved.append(t)
                     last_deltas.append(delta)
@@ -279,12 +288,9 @@ class FusedChunkLoop(torch.autograd.Function):
             weighted_deltas = [None] + [d * row_weights for d in all_deltas[1:]]
             slopes, back_curvatures = [], []
             for m in range(last):
-                z = pre[m]
-                slopes.append(_gelu_backward(torch.ones_like(z), z).unbind(0))  # gelu'(z_m)
-                # d delta_m / d z_m = back_m * gelu''(z_m), gelu''(z) = exp(-z^2 / 2) (2 - z^2) / sqrt(2 pi)
-                squared = z.square()
-                curvature = torch.exp(squared * -0.5).mul_((2 - squared) * _INV_SQRT_2PI)
-                back_curvatures.append(curvature.mul_(backs[m]).unbind(0))
+                slope, back_curvature = gelu_slope_and_back_curvature(pre[m], backs[m])
+                slopes.append(slope.unbind(0))
+                back_curvatures.append(back_curvature.unbind(0))
             if scale_name is not None:
                 z_last, normed, mean, rstd, residual, scaled = (stacked(t) for t in norm)
                 # per token: <e s, n> and rstd fold into two factors; <grad, n> and <grad, rstd delta>
@@ -333,14 +339,14 @@ class FusedChunkLoop(torch.autograd.Function):
                 else:
                     z, n, mu, rs, e, _ = (t[j] for t in norm_chunks)  # z_{L-1}, LN(z), its mean and rstd, e
                     grad_products = torch.bmm(chunk_tws[j], lam_scales[j])  # d/d(e * n)
-                    grad_scaled = _layer_norm_backward(top, z, mu, rs)  # d/d(e * s)
+                    grad_scaled = layer_norm_backward(top, z, mu, rs)  # d/d(e * s)
                     grad_residual = torch.addcmul(grad_scaled * scales[j], grad_products, n)
                     grads[depth] = torch.addcmul(grad_scaled * e, grad_residual, n, value=dim**-0.5).sum(1)
                     dots = torch.bmm(top.view(-1, 1, dim), dot_with[j]).view(batch, chunk_size, 2)  # <top, n>, <top, rstd delta>
                     # the normed output's gradient: the sums, the residual, and LN' depending on z
                     grad_normed = torch.addcmul(top * normed_scaled[j], scaled_rstd[j], dots[..., :1])
                     grad_normed = torch.addcmul(torch.addcmul(grad_normed, grad_products, e), grad_residual, branch_scales[j])
-                    grad_z = torch.addcmul(_layer_norm_backward(grad_normed, z, mu, rs), n, dots[..., 1:], value=-1 / dim)
+                    grad_z = torch.addcmul(layer_norm_backward(grad_normed, z, mu, rs), n, dots[..., 1:], value=-1 / dim)
                 grad_residuals[j] = grad_residual
                 # down the network: z_m = a_m W_m, a_{m+1} = gelu(z_m)
                 for m in range(last, -1, -1):
