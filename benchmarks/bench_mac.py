@@ -1,6 +1,7 @@
 """Titans language-model timings (MAC by default): what one segment costs the host at a tiny
 size, the training step of the train_mac.py-sized model, and decoding cost per token against
-context length.
+context length; on CUDA the training step and decoding also replayed from CUDA graphs, with what
+capturing them took.
 
     python benchmarks/bench_mac.py --threads 2
     python benchmarks/bench_mac.py --threads 2 --model lmm --skip-train
@@ -16,6 +17,7 @@ the aten compute ops it dispatches, forward and backward, and the CPU time they 
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +26,8 @@ from bench_memory import device_name, marginal_dispatch_cost, median_time, print
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train_mac import MODEL_CLASSES, PRESETS, build_model  # noqa: E402  (the trainer's models)
 from titans_pytorch import NeuralMemory  # noqa: E402
+from titans_pytorch.cuda_graphs import GraphedLoss  # noqa: E402
+from titans_pytorch.decoding import GraphDecoder  # noqa: E402
 
 
 def train_model(device, name="mac", ff_mult=4.0):
@@ -133,10 +137,24 @@ def main():
         tokens = args.batch * args.seq_len
         print(f"\ntraining step (forward+backward), batch {args.batch} x {args.seq_len}")
         print(f"  {seconds:.2f} s  ({tokens / seconds:,.0f} tokens/s)")
+        if device.type == "cuda":  # the same step replayed from one CUDA graph (train_mac.py's default on CUDA)
+            graphed = GraphedLoss(model, torch.zeros_like(ids))
+
+            def graphed_step():
+                model.zero_grad(set_to_none=False)
+                graphed(ids)
+
+            seconds = median_time(graphed_step, device, args.repeats)
+            print(f"  {seconds:.3f} s  ({tokens / seconds:,.0f} tokens/s) replayed from a CUDA graph "
+                  f"(GraphedLoss; warm-up and capture {graphed.capture_seconds:.1f} s)")
+            del graphed
+            model.zero_grad(set_to_none=True)
 
     model.eval()
-    print("\ndecoding: time per generated token after a context of n tokens (cached)")
-    print(f"{'context':>8}  {'ms/token':>9}")
+    graphs = device.type == "cuda"
+    print("\ndecoding: time per generated token after a context of n tokens (cached"
+          + ("; and replayed from CUDA graphs, GraphDecoder, after capturing one per offset in the period)" if graphs else ")"))
+    print(f"{'context':>8}  {'ms/token':>9}" + (f"  {'graphs':>9}  {'captures':>8}  {'capture s':>9}" if graphs else ""))
     per_token = {}
     for context in map(int, args.decode_contexts.split(",")):
         prompt = torch.randint(0, 256, (1, context), device=device)
@@ -145,14 +163,23 @@ def main():
             token = prompt[:, -1:]
             steps = 64
 
-            def decode():
+            def decode(step=lambda t, c: model(t, cache=c, return_cache=True)):
                 c = cache
                 for _ in range(steps):
-                    _, c = model(token, cache=c, return_cache=True)
+                    _, c = step(token, c)
 
             seconds = median_time(decode, device, args.repeats) / steps
+            row = f"{context:>8}  {seconds * 1e3:>9.2f}"
+            if graphs:
+                decoder = GraphDecoder(model)
+                start = time.perf_counter()
+                decode(decoder)  # captures every offset's graph (64 steps cover the period of 32)
+                torch.cuda.synchronize()
+                capture = time.perf_counter() - start
+                graphed = median_time(lambda: decode(decoder), device, args.repeats) / steps
+                row += f"  {graphed * 1e3:>9.3f}  {decoder.captures:>8}  {capture:>9.1f}"
         per_token[context] = seconds
-        print(f"{context:>8}  {seconds * 1e3:>9.2f}")
+        print(row)
     contexts = sorted(per_token)
     ratio = per_token[contexts[-1]] / per_token[contexts[0]]
     print(f"ratio {contexts[-1]} / {contexts[0]}: {ratio:.2f} (bar: <= 1.5)")

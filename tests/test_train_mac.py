@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from titans_pytorch import MemoryAsContextTransformer
+from titans_pytorch.cuda_graphs import rerun_eagerly
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -305,10 +306,10 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch):
     # the same run, killed during step 5, after its checkpoint at step 3
     original = train_mac.train_step
 
-    def crashing(*args):
+    def crashing(*args, **kwargs):
         if args[-1] == 5:
             raise Crash
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(train_mac, "train_step", crashing)
     with pytest.raises(Crash):
@@ -368,8 +369,8 @@ def corrupt_parameters_after(step):
     """A train_step that, after step `step`, makes a parameter infinite (the loss was finite)."""
     original = train_mac.train_step
 
-    def corrupting(model, *args):
-        result = original(model, *args)
+    def corrupting(model, *args, **kwargs):
+        result = original(model, *args, **kwargs)
         if args[-1] == step:
             with torch.no_grad():
                 next(model.parameters()).fill_(float("inf"))
@@ -504,6 +505,34 @@ def test_gradient_accumulation_is_scaled_like_one_big_batch(tmp_path):
     for key in ("train_loss", "grad_norm"):
         assert steps_of(accum, key)[1] == pytest.approx(steps_of(big, key)[1], rel=1e-5)
     assert steps_of(accum, "train_loss")[2] == pytest.approx(steps_of(big, "train_loss")[2], rel=1e-4)
+
+
+def test_the_graphed_training_step_gives_the_eager_losses(tmp_path, monkeypatch, capsys):
+    # on a CPU the CUDA graph is stood in for by rerunning the captured step (cuda_graphs.rerun_eagerly):
+    # what this checks is the plumbing around it (captured on zero ids without drawing data, ids copied
+    # in, gradients accumulated over micro-batches into the captured .grad and zeroed, not freed, between steps)
+    flags = ("--steps", "3", "--grad-accum", "2", "--validate-every", "0", "--sample-len", "0")
+    assert train(tmp_path / "eager", *flags) == 0
+    monkeypatch.setattr(train_mac, "use_cuda_graphs", lambda wanted, device, world: True)
+    monkeypatch.setattr(train_mac, "GRAPH_CAPTURE", rerun_eagerly)
+    assert train(tmp_path / "graphed", *flags) == 0
+    assert "cuda graphs: a micro-batch's forward and backward captured in" in capsys.readouterr().out
+    eager, graphed = metrics(tmp_path / "eager"), metrics(tmp_path / "graphed")
+    for key in ("train_loss", "grad_norm", "valid_bpb"):
+        assert steps_of(graphed, key) == steps_of(eager, key), key
+    a, b = checkpoint(tmp_path / "eager")["model"], checkpoint(tmp_path / "graphed")["model"]
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_graphs_without_cuda_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--cuda-graphs: needs a CUDA device, this run is on cpu"):
+        train(tmp_path / "run", "--cuda-graphs")
+    assert train_mac.use_cuda_graphs(None, torch.device("cpu"), 1) is False
+    assert train_mac.use_cuda_graphs(None, torch.device("cuda"), 1) is True
+    assert train_mac.use_cuda_graphs(None, torch.device("cuda"), 2) is False
+    with pytest.raises(SystemExit, match="not with several processes"):
+        train_mac.use_cuda_graphs(True, torch.device("cuda"), 2)
 
 
 # ----------------------------------------------------------------------------- models, plot

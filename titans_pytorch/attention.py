@@ -83,8 +83,13 @@ class LocalAttention(nn.Module):
         # output: a per-head sigmoid gate from the input, then the projection
         self.to_gate = nn.Linear(dim, heads)
         self.to_out_proj = nn.Linear(dim_inner, dim, bias=False)
+        # a device scalar added to every rotary position, or None: set while CUDA-graph decoding
+        # captures a step, so that the step replays at a later position (decoding.GraphDecoder)
+        self.position_offset = None
 
     def _rotate(self, t, positions):
+        if self.position_offset is not None:
+            positions = positions + self.position_offset
         freqs = self.rotary(positions.to(torch.float32))
         return apply_rotary_emb(freqs, t)
 

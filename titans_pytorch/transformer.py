@@ -23,6 +23,7 @@ from x_transformers.autoregressive_wrapper import FILTER_LOGITS_FN
 
 from .attention import LocalAttention, SwiGLU
 from .checks import check_non_negative_ints, check_positive_ints
+from .decoding import GraphDecoder
 from .neural_memory import NeuralMemory
 from .pretrained import PretrainedMixin
 
@@ -146,12 +147,24 @@ class TitansTransformer(PretrainedMixin, nn.Module):
         if return_loss:
             if ids.shape[1] < 2:
                 raise ValueError(f"return_loss needs at least 2 tokens per sequence, got {ids.shape[1]}")
-            ids, labels = ids[:, :-1], ids[:, 1:]
         if cache is not None and not isinstance(cache, TransformerCache):
             raise TypeError(f"cache must be a TransformerCache or None, got {type(cache).__name__}")
+        if return_loss:
+            return self._loss(ids, cache)
+        logits, cache = self._decode(ids, cache)
+        return (logits, cache) if return_cache else logits
+
+    def _loss(self, ids, cache: TransformerCache | None = None):
+        """Next-token cross-entropy of `ids[:, 1:]` given `ids[:, :-1]` (continuing `cache`), without
+        the forward's checks."""
+        logits, _ = self._decode(ids[:, :-1], cache)
+        return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:].long())
+
+    def _decode(self, ids, cache: TransformerCache | None):
+        """The forward without its checks: ids `(batch, n)` continuing `cache` (None: from the start)
+        -> `(logits, cache)`."""
         position = cache.position if cache is not None else 0
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
-
         x = self.expand_streams(self.token_emb(ids.long()))
         new_caches = []
         for (mix_connection, mixer, ff_connection, feed_forward), layer_cache in zip(self.layers, layer_caches):
@@ -162,12 +175,7 @@ class TitansTransformer(PretrainedMixin, nn.Module):
             x = add_residual(feed_forward(branch_input))
             new_caches.append(layer_cache)
         logits = self.to_logits(self.norm(self.reduce_streams(x)))
-
-        if return_loss:
-            return F.cross_entropy(logits.transpose(1, 2), labels.long())
-        if return_cache:
-            return logits, TransformerCache(position + ids.shape[1], new_caches)
-        return logits
+        return logits, TransformerCache(position + ids.shape[1], new_caches)
 
     def generate(
         self,
@@ -177,12 +185,17 @@ class TitansTransformer(PretrainedMixin, nn.Module):
         filter_fn="min_p",
         filter_kwargs: dict | None = None,
         use_cache: bool = True,
+        cuda_graphs: bool = True,
     ):
         """Continue `prompt (batch, prompt_len)` by `num_new_tokens` tokens, yielding each new
         token `(batch, 1)` as soon as it is drawn. `filter_fn`: "min_p" (default), "top_k",
         "top_p", "top_a" (x-transformers' filters, `filter_kwargs` their arguments) or a
         callable on logits; temperature 0 is greedy. Arguments are checked at the call; the
-        model is in eval mode until the generator finishes or is closed."""
+        model is in eval mode until the generator finishes or is closed.
+
+        On CUDA, with `use_cache` and `cuda_graphs`, the one-token steps are replayed from CUDA
+        graphs (`decoding.GraphDecoder`: one per offset in the period of segments and chunks,
+        captured when the offset first comes up) once at least two periods of tokens are to come."""
         self._check_ids(prompt, "prompt")
         if prompt.shape[1] == 0:
             raise ValueError("prompt must hold at least one token")
@@ -193,16 +206,28 @@ class TitansTransformer(PretrainedMixin, nn.Module):
             if filter_fn not in FILTER_LOGITS_FN:
                 raise ValueError(f"filter_fn must be one of {sorted(FILTER_LOGITS_FN)} or a callable, got {filter_fn!r}")
             filter_fn = FILTER_LOGITS_FN[filter_fn]
-        return self._generated_tokens(prompt.long(), num_new_tokens, temperature, filter_fn, filter_kwargs or {}, use_cache)
+        decoder = self._graph_decoder(prompt, num_new_tokens) if use_cache and cuda_graphs else None
+        return self._generated_tokens(prompt.long(), num_new_tokens, temperature, filter_fn, filter_kwargs or {},
+                                      use_cache, decoder)
+
+    def _graph_decoder(self, prompt, num_new_tokens):
+        """The CUDA-graph decoder for this generation, or None (not on CUDA, or too short to pay for
+        its captures)."""
+        if prompt.device.type != "cuda":
+            return None
+        decoder = GraphDecoder(self)
+        return decoder if num_new_tokens - 1 >= 2 * decoder.period + decoder.warmup else None
 
     @torch.no_grad()
-    def _generated_tokens(self, prompt, num_new_tokens, temperature, filter_fn, filter_kwargs, use_cache):
+    def _generated_tokens(self, prompt, num_new_tokens, temperature, filter_fn, filter_kwargs, use_cache, decoder=None):
         was_training = self.training
         self.eval()
         try:
             sequence, new, cache = prompt, prompt, None  # new: what the cache has not seen yet
             for _ in range(num_new_tokens):
-                if use_cache:
+                if use_cache and decoder is not None and cache is not None:
+                    logits, cache = decoder(new, cache)
+                elif use_cache:
                     logits, cache = self(new, cache=cache, return_cache=True)
                 else:
                     logits = self(sequence)
@@ -227,6 +252,7 @@ class TitansTransformer(PretrainedMixin, nn.Module):
         filter_kwargs: dict | None = None,
         use_cache: bool = True,
         show_progress: bool = False,
+        cuda_graphs: bool = True,
     ):
         """Continue `prompt (batch, prompt_len)` until it is `seq_len` long; returns the
         `seq_len - prompt_len` new tokens `(batch, seq_len - prompt_len)`, drawn by `generate`
@@ -235,7 +261,7 @@ class TitansTransformer(PretrainedMixin, nn.Module):
         prompt_len = prompt.shape[1]
         if not isinstance(seq_len, int) or seq_len < prompt_len:
             raise ValueError(f"seq_len ({seq_len}) must be an integer >= the prompt length ({prompt_len})")
-        tokens = self.generate(prompt, seq_len - prompt_len, temperature, filter_fn, filter_kwargs, use_cache)
+        tokens = self.generate(prompt, seq_len - prompt_len, temperature, filter_fn, filter_kwargs, use_cache, cuda_graphs)
         new = list(tqdm(tokens, total=seq_len - prompt_len, disable=not show_progress, desc="sampling"))
         return torch.cat(new, dim=1) if new else prompt.new_zeros((prompt.shape[0], 0), dtype=torch.long)
 

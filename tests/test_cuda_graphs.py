@@ -1,0 +1,91 @@
+"""`titans_pytorch.cuda_graphs`: the cache trees and `GraphedLoss`, on a CPU through the stand-in
+`rerun_eagerly` (a replay reruns the captured function into its first outputs), on CUDA for real."""
+
+import pytest
+import torch
+
+from test_transformer import NUM_TOKENS, build
+from titans_pytorch.cuda_graphs import (
+    GraphedLoss, HostReadError, cache_structure, copy_leaves, map_tensors, rerun_eagerly, tensor_leaves,
+)
+
+
+def test_cache_trees_round_trip(float64):
+    model = build("mac").eval()
+    with torch.no_grad():
+        _, cache = model(torch.randint(0, NUM_TOKENS, (2, 7)), return_cache=True)
+    leaves = tensor_leaves(cache.layers)
+    assert leaves and all(torch.is_tensor(t) for t in leaves)
+    clone = map_tensors(cache.layers, lambda t: torch.zeros_like(t))
+    assert cache_structure(clone) == cache_structure(cache.layers)
+    assert all(not t.any() for t in tensor_leaves(clone))
+    copy_leaves(cache.layers, clone)
+    assert all(torch.equal(a, b) and a is not b for a, b in zip(tensor_leaves(cache.layers), tensor_leaves(clone)))
+    with torch.no_grad():
+        _, longer = model(torch.randint(0, NUM_TOKENS, (2, 1)), cache=cache, return_cache=True)
+    assert cache_structure(longer.layers) != cache_structure(cache.layers)  # the segment's keys grew
+
+
+def test_the_stand_in_refuses_what_a_capture_would():
+    # the model's entry check reads the ids' range back to the host: the graphed paths skip it
+    model = build("mac")
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    with pytest.raises(HostReadError, match="_local_scalar_dense"):
+        rerun_eagerly(lambda: model(ids, return_loss=True))
+    with pytest.raises(HostReadError, match="host data"):
+        rerun_eagerly(lambda: model._loss(ids) * torch.tensor(2.0))
+    loss, replay = rerun_eagerly(lambda: model._loss(ids).detach())
+    replay()
+    torch.testing.assert_close(loss, model(ids, return_loss=True).detach(), atol=0, rtol=0)
+
+
+def loss_and_grads(model, ids, scale):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, return_loss=True)
+    (loss * scale).backward()
+    return loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in trained(model)]
+
+
+def trained(model):
+    return [p for p in model.parameters() if p.requires_grad]  # not the rotary frequencies
+
+
+@pytest.mark.parametrize("name", ["mac", "lmm"])
+def test_graphed_loss_accumulates_what_eager_backward_gives(float64, name):
+    model = build(name)
+    first, second = (torch.randint(0, NUM_TOKENS, (2, 9)) for _ in range(2))
+    expected = [loss_and_grads(model, ids, 0.5) for ids in (first, second)]
+    graphed = GraphedLoss(model, torch.zeros_like(first), scale=0.5, capture=rerun_eagerly)
+    assert all(not p.grad.any() for p in trained(model))  # the warm-up and capture leave nothing behind
+    losses = [graphed(first).clone(), graphed(second).clone()]
+    for loss, (want, _) in zip(losses, expected):
+        torch.testing.assert_close(loss, want, atol=0, rtol=0)
+    for p, a, b in zip(trained(model), expected[0][1], expected[1][1]):
+        torch.testing.assert_close(p.grad, a + b, atol=1e-12, rtol=0)
+    model.zero_grad(set_to_none=False)
+    graphed(first)
+    for p, a in zip(trained(model), expected[0][1]):
+        torch.testing.assert_close(p.grad, a, atol=1e-12, rtol=0)
+
+
+def test_graphed_loss_refuses_other_shapes_and_freed_gradients():
+    model = build("mag")
+    graphed = GraphedLoss(model, torch.zeros(2, 9, dtype=torch.long), capture=rerun_eagerly, warmup=0)
+    with pytest.raises(ValueError, match=r"ids must have the captured shape \(2, 9\)"):
+        graphed(torch.zeros(2, 10, dtype=torch.long))
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="set_to_none=False"):
+        graphed(torch.zeros(2, 9, dtype=torch.long))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["mac", "mag", "mal", "lmm"])
+def test_cuda_graphed_loss_equals_eager(name):
+    model = build(name).cuda()
+    ids = torch.randint(0, NUM_TOKENS, (2, 9), device="cuda")
+    want, grads = loss_and_grads(model, ids, 1.0)
+    graphed = GraphedLoss(model, torch.zeros_like(ids))
+    model.zero_grad(set_to_none=False)
+    torch.testing.assert_close(graphed(ids), want, atol=1e-5, rtol=1e-5)
+    for p, g in zip(trained(model), grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,207 @@
+"""CUDA graphs for this library's steps: capture and replay, the caches as trees of tensors, and
+`GraphedLoss`, a training micro-batch's forward and backward replayed from one graph.
+
+A CUDA graph records the kernels a piece of code launches, with their arguments and buffers, and
+replays them in one launch: the host's Python, dispatch and launch work, which bounds these models'
+speed on a GPU (a chunk or a decoding step is many small kernels), is paid once at capture. What it
+asks of the code: no value read back to the host (the tests check every model's training and
+decoding steps for that), fixed shapes, and inputs and outputs at fixed addresses (static buffers).
+
+`capture_cuda_graph` captures; `rerun_eagerly` is its stand-in on a CPU, for the tests: a replay
+reruns the function, with the host work of its capture, into the first call's outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+
+import torch
+from tensordict import TensorDict
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+# ------------------------------------------------------------------ caches as trees of tensors
+
+
+def tensor_leaves(tree) -> list:
+    """The tensors of a cache (dataclasses, lists, tuples, dicts, TensorDicts), in a fixed order."""
+    if torch.is_tensor(tree):
+        return [tree]
+    if isinstance(tree, TensorDict):
+        return [tree[key] for key in sorted(tree.keys())]
+    if isinstance(tree, dict):
+        return [leaf for key in sorted(tree) for leaf in tensor_leaves(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for item in tree for leaf in tensor_leaves(item)]
+    if dataclasses.is_dataclass(tree):
+        return [leaf for field in dataclasses.fields(tree) for leaf in tensor_leaves(getattr(tree, field.name))]
+    return []
+
+
+def map_tensors(tree, fn):
+    """A copy of the cache `tree` with `fn(t)` for every tensor `t`, the rest kept."""
+    if torch.is_tensor(tree):
+        return fn(tree)
+    if isinstance(tree, TensorDict):
+        return TensorDict({key: fn(value) for key, value in tree.items()}, batch_size=tree.batch_size)
+    if isinstance(tree, dict):
+        return {key: map_tensors(value, fn) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_tensors(item, fn) for item in tree)
+    if dataclasses.is_dataclass(tree):
+        return dataclasses.replace(tree, **{f.name: map_tensors(getattr(tree, f.name), fn) for f in dataclasses.fields(tree)})
+    return tree
+
+
+def cache_structure(tree):
+    """What a step's host work depends on in a cache: its types, None-ness and tensor shapes and dtypes
+    (ints, the positions, are left out: the period offset stands for them)."""
+    if torch.is_tensor(tree):
+        return ("tensor", tuple(tree.shape), tree.dtype)
+    if isinstance(tree, TensorDict):
+        return ("tensordict", tuple((key, cache_structure(tree[key])) for key in sorted(tree.keys())))
+    if isinstance(tree, dict):
+        return ("dict", tuple((key, cache_structure(tree[key])) for key in sorted(tree)))
+    if isinstance(tree, (list, tuple)):
+        return (type(tree).__name__, tuple(cache_structure(item) for item in tree))
+    if dataclasses.is_dataclass(tree):
+        return (type(tree).__name__, tuple(cache_structure(getattr(tree, f.name)) for f in dataclasses.fields(tree)))
+    if isinstance(tree, int):
+        return "int"
+    return tree  # None, layouts: compared by equality
+
+
+def copy_leaves(source, target):
+    """Copy the tensors of cache `source` into those of `target` (same structure), skipping any shared."""
+    for src, dst in zip(tensor_leaves(source), tensor_leaves(target), strict=True):
+        if src is not dst:
+            dst.copy_(src)
+
+
+# ------------------------------------------------------------------ capture
+
+
+def capture_cuda_graph(fn, pool=None):
+    """Run `fn` once under CUDA-graph capture (into memory pool `pool`, shared between graphs that
+    are replayed in the order they were captured): returns `(outputs, replay)`, `replay()` rerunning
+    the captured kernels on the same input buffers into the same output buffers."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn()
+    return outputs, graph.replay
+
+
+class HostReadError(RuntimeError):
+    """Where a CUDA graph is captured, an op read a tensor's values back to the host or made a
+    tensor from host data."""
+
+
+class _NoHostTraffic(TorchDispatchMode):
+    """Raises on the aten ops that read values back to the host (on CUDA each is a sync, which a
+    capture refuses: "operation not permitted when stream is capturing") and on tensors made from
+    host data (`torch.tensor(...)`: on CUDA a copy from host memory, which a graph would replay from
+    a buffer long gone)."""
+
+    READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose", "masked_select", "unique", "_unique2"}
+    FROM_HOST = {"lift_fresh", "lift_fresh_copy"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.READS:
+            raise HostReadError(f"aten.{name} reads a value back to the host: a CUDA graph cannot capture it")
+        if name in self.FROM_HOST:
+            raise HostReadError(f"aten.{name}: a tensor made from host data (torch.tensor) inside the step: a CUDA "
+                                f"graph would replay its copy from a stale host buffer")
+        return func(*args, **(kwargs or {}))
+
+
+def rerun_eagerly(fn, pool=None):
+    """The stand-in for `capture_cuda_graph` on a CPU (tests): `fn` runs once as if captured (an op that
+    reads a value back to the host or makes a tensor from host data raises `HostReadError`, where
+    the capture would fail or bake a stale copy), and `replay()`
+    reruns it (with the host work of that first call: what a graph bakes in), copying its results into
+    the first call's outputs, as a graph writes its static output buffers."""
+
+    def run():
+        with _NoHostTraffic():
+            return fn()
+
+    outputs = run()
+    return outputs, lambda: copy_leaves(run(), outputs)
+
+
+def warm_up(fn, device, runs: int = 1):
+    """Run `fn` before capturing it, on a side stream on CUDA (as `torch.cuda.graph` asks: lazy
+    initialisation, cuBLAS workspaces and Triton compiles happen here, outside the capture)."""
+    if device.type != "cuda":
+        for _ in range(runs):
+            fn()
+        return
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(runs):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def autocast_without_cache(device_type: str):
+    """The autocast in force, with its cache of cast weights off (a capture must not keep them)."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
+
+
+# ------------------------------------------------------------------ training
+
+
+class GraphedLoss:
+    """`graphed(ids) -> loss`: `model(ids, return_loss=True)` (a `TitansTransformer`) and the backward of
+    `loss * scale`, for token ids of `example_ids`'s shape, replayed from one CUDA graph (on a CPU,
+    `capture=rerun_eagerly`). The ids are not range-checked (the check reads them back to the host).
+
+    The parameters' gradients accumulate into their `.grad`, allocated here and kept: zero them with
+    `zero_grad(set_to_none=False)` (a call after they were set to None raises). The loss returned is
+    the graph's output buffer, overwritten by the next call. Captured at construction, in training
+    mode and under the autocast in force, after `warmup` eager runs (their gradients zeroed);
+    `capture_seconds` is the warm-up and capture's wall time."""
+
+    def __init__(self, model, example_ids, scale: float = 1.0, capture=capture_cuda_graph, warmup: int = 3):
+        started = time.perf_counter()
+        self.model, self.shape, self.dtype = model, tuple(example_ids.shape), example_ids.dtype
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.grads = [p.grad for p in self.params]
+        self.ids = example_ids.clone()
+        device = self.ids.device
+
+        def step():
+            loss = model._loss(self.ids)  # the forward without its ids check, which reads the ids back
+            (loss * scale).backward()
+            return loss.detach()
+
+        with autocast_without_cache(device.type):
+            warm_up(step, device, warmup)
+            for grad in self.grads:
+                grad.zero_()
+            self.loss, self.replay = capture(step)
+        for grad in self.grads:  # the capture's own run (on a CPU, its stand-in's) counts for nothing
+            grad.zero_()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.capture_seconds = time.perf_counter() - started
+
+    def __call__(self, ids):
+        if tuple(ids.shape) != self.shape or ids.dtype != self.dtype:
+            raise ValueError(f"ids must have the captured shape {self.shape} and dtype {self.dtype}, "
+                             f"got {tuple(ids.shape)} {ids.dtype}")
+        if any(p.grad is not grad for p, grad in zip(self.params, self.grads)):
+            raise RuntimeError("a parameter's .grad was replaced or set to None since the capture: the graph "
+                               "accumulates into the tensors it captured (use zero_grad(set_to_none=False))")
+        self.ids.copy_(ids, non_blocking=True)
+        self.replay()
+        return self.loss
