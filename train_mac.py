@@ -157,6 +157,48 @@ positive_float = functools.partial(_number, float, 0.0, False)
 non_negative_float = functools.partial(_number, float, 0.0, True)
 
 
+def layer_numbers(text):
+    """`--memory-layers`: comma-separated layer numbers (1-indexed), or `none`."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        layers = ()
+    if not layers or min(layers) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated layer numbers from 1 (e.g. 2,4,6) or none, got {text!r}")
+    return layers
+
+
+UNUSED_ARCH_FLAGS = {"lmm": ("segment_len", "memory_layers"), "window": ("chunk_size", "memory_layers")}
+
+
+def preset_arch(config) -> dict:
+    """The preset's architecture with `--segment-len`, `--chunk-size` and `--memory-layers` applied."""
+    unused = UNUSED_ARCH_FLAGS.get(config.model, ())
+    given = [key for key in unused if getattr(config, key) is not None]
+    if given:
+        raise SystemExit(f"{flag_names(given, 'does', 'do')} not apply to --model {config.model}")
+    arch = dict(PRESETS[config.preset]["arch"])
+    if config.segment_len is not None:
+        arch["segment_len"] = config.segment_len
+    if config.chunk_size is not None:
+        arch["neural_memory_kwargs"] = {**arch["neural_memory_kwargs"], "chunk_size": config.chunk_size}
+    if config.memory_layers is not None:
+        arch["neural_memory_layers"] = tuple(config.memory_layers)
+    return arch
+
+
+def describe_arch(arch: dict, model: str) -> str:
+    """`segment 32, memory on layers [2, 4, 6], chunk 4`: what --segment-len, --memory-layers, --chunk-size set."""
+    parts = [] if model == "lmm" else [f"segment {arch['segment_len']}"]
+    if model == "window":
+        return parts[0] + ", no memory"
+    if model != "lmm":
+        parts.append(f"memory on layers {list(arch['neural_memory_layers'])}")
+    return ", ".join(parts + [f"chunk {arch['neural_memory_kwargs'].get('chunk_size', 16)}"])
+
+
 def probability(text):
     value = positive_float(text)
     if value > 1:
@@ -189,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="enwik8 file: raw, .gz or the Hutter .zip (default: data/enwik8.gz, .zip or raw)")
     p.add_argument("--download", action="store_true", help=f"fetch enwik8 from the Hutter prize site if absent ({ENWIK8_URL})")
     p.add_argument("--download-url", default=ENWIK8_URL, help="where --download fetches the zip from (default: the Hutter prize site)")
+    p.add_argument("--segment-len", type=positive_int, help=f"attention segment (window) in bytes {preset}")
+    p.add_argument("--chunk-size", type=positive_int, help=f"the memory's chunk: bytes that share a gradient point {preset}")
+    p.add_argument("--memory-layers", type=layer_numbers,
+                   help=f"layers with a neural memory, 1-indexed: 2,4,6 or none (lmm: every layer) {preset}")
     p.add_argument("--steps", type=positive_int, help=f"total optimizer steps {preset}")
     p.add_argument("--batch-size", type=positive_int, help=f"sequences per micro-batch and process {preset[:-1]}; base on a CPU: 2)")
     p.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step (default: 1; base on a CPU: 8)")
@@ -257,9 +303,11 @@ def flag_names(keys, singular_verb: str, plural_verb: str) -> str:
 
 
 # settings a resumed run takes from its checkpoint unless given, and those that must then match
-CARRIED = ("preset", "model", "data", "steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup", "weight_decay",
+CARRIED = ("preset", "model", "segment_len", "chunk_size", "memory_layers", "data", "steps", "batch_size", "grad_accum",
+           "seq_len", "lr", "warmup", "weight_decay",
            "clip", "dtype", "seed", "validate_every", "valid_batches", "sample_every", "sample_len", "checkpoint_every")
-MUST_MATCH = ("preset", "model", "batch_size", "grad_accum", "seq_len", "lr", "warmup", "weight_decay", "clip", "seed")
+MUST_MATCH = ("preset", "model", "segment_len", "chunk_size", "memory_layers", "batch_size", "grad_accum", "seq_len", "lr",
+              "warmup", "weight_decay", "clip", "seed")
 
 
 def resolve_config(args: argparse.Namespace, saved: dict | None = None, device_type: str = "cpu") -> SimpleNamespace:
@@ -774,8 +822,11 @@ class Trainer:
 
     def _setup_model(self, checkpoint):
         config = self.config
-        self.arch = checkpoint["arch"] if checkpoint else PRESETS[config.preset]["arch"]
-        self.raw_model = build_model(config.model, self.arch).to(self.device)
+        self.arch = checkpoint["arch"] if checkpoint else preset_arch(config)
+        try:
+            self.raw_model = build_model(config.model, self.arch).to(self.device)
+        except ValueError as error:  # e.g. a segment that is not a multiple of the chunk
+            raise SystemExit(f"--segment-len / --chunk-size / --memory-layers: {error}") from None
         self.optimizer, self.scheduler = make_optimizer(self.raw_model, config)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         if checkpoint:
@@ -794,7 +845,8 @@ class Trainer:
         config, sizes = self.config, self.data_info["sizes"]
         params = sum(p.numel() for p in self.raw_model.parameters())
         self.log(f"data: {self.data_name}, {sizes[0]:,} / {sizes[1]:,} / {sizes[2]:,} bytes (train / validation / test) | "
-                 f"model: {config.model} {config.preset}, {params / 1e6:.2f}M parameters | {self.device} "
+                 f"model: {config.model} {config.preset} ({describe_arch(self.arch, config.model)}), "
+                 f"{params / 1e6:.2f}M parameters | {self.device} "
                  f"{str(self.dtype).removeprefix('torch.')}, {self.world} process(es) | {config.batch_size} x "
                  f"{config.seq_len} bytes x {config.grad_accum} accumulated x {self.world} = {self.tokens_per_step:,} per step")
         if config.preset == "base" and self.device.type == "cpu":

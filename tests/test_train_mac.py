@@ -142,6 +142,8 @@ def test_cpu_training_keeps_freed_memory_unless_the_user_chose():
         (["--model", "gpt"], "--model"),
         (["--dtype", "float16"], "--dtype"),
         (["--clip", "-0.5"], "--clip"),
+        (["--memory-layers", "0"], "--memory-layers"),
+        (["--segment-len", "0"], "--segment-len"),
     ],
 )
 def test_bad_flags_are_argparse_errors_naming_the_flag(tmp_path, capsys, flags, flag):
@@ -505,6 +507,35 @@ def test_gradient_accumulation_is_scaled_like_one_big_batch(tmp_path):
     for key in ("train_loss", "grad_norm"):
         assert steps_of(accum, key)[1] == pytest.approx(steps_of(big, key)[1], rel=1e-5)
     assert steps_of(accum, "train_loss")[2] == pytest.approx(steps_of(big, "train_loss")[2], rel=1e-4)
+
+
+def test_architecture_flags_change_the_model_and_must_match_on_resume(tmp_path):
+    flags = ("--steps", "2", "--segment-len", "16", "--chunk-size", "2", "--memory-layers", "1,2")
+    assert train(tmp_path / "run", *flags) == 0
+    arch = checkpoint(tmp_path / "run")["arch"]
+    assert (arch["segment_len"], arch["neural_memory_kwargs"]["chunk_size"], tuple(arch["neural_memory_layers"])) == (16, 2, (1, 2))
+    model = train_mac.build_model("mac", arch)
+    memories = [layer[1].memory for layer in model.layers]
+    assert all(memory is not None and memory.chunk_size == 2 for memory in memories)
+    assert model.segment_len == 16
+    with pytest.raises(SystemExit, match=r"--chunk-size 4 \(the checkpoint has 2\)"):
+        train_mac.main(["--out", str(tmp_path / "run"), "--resume", "--steps", "3", "--chunk-size", "4"])
+    assert train_mac.main(["--out", str(tmp_path / "run"), "--resume", "--steps", "3"]) == 0
+    assert checkpoint(tmp_path / "run")["arch"] == arch
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--segment-len", "10"], r"segment_len \(10\) must be a multiple of the neural memory's chunk_size \(4\)"),
+        (["--memory-layers", "3"], r"neural_memory_layers must be layer numbers in 1..2, got \[3\]"),
+        (["--model", "lmm", "--segment-len", "8"], "--segment-len does not apply to --model lmm"),
+        (["--model", "window", "--chunk-size", "2", "--memory-layers", "1"], "--chunk-size, --memory-layers do not apply"),
+    ],
+)
+def test_architecture_flag_errors_name_the_flag(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train(tmp_path / "run", "--steps", "1", *flags)
 
 
 def test_the_graphed_training_step_gives_the_eager_losses(tmp_path, monkeypatch, capsys):
