@@ -344,6 +344,7 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise SystemExit(f"--device {name}: CUDA is not available on this machine")
         device = torch.device("cuda", local_rank if dist.is_initialized() else (device.index or 0))
+        torch.cuda.set_device(device)  # what is made without a device (CUDA graphs' capture streams) goes there too
     return device
 
 
@@ -935,7 +936,15 @@ class Trainer:
         self.good_step = self.step
 
     def _print_sample(self):
-        if self.main_process:
+        if not self.main_process:
+            return
+        try:
+            self.log(sample_text(self.raw_model, self.valid_data, self.config, self.device, self.autocast, self.step))
+        except RuntimeError as error:  # a sample is not worth the run: retry eagerly, and stay eager
+            if self.config.cuda_graphs is False:
+                raise
+            self.log(f"sampling from CUDA graphs failed ({one_line(error)}); sampling eagerly from now on")
+            self.config.cuda_graphs = False
             self.log(sample_text(self.raw_model, self.valid_data, self.config, self.device, self.autocast, self.step))
 
     def _finish(self):

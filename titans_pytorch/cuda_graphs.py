@@ -74,8 +74,17 @@ def cache_structure(tree):
 
 
 def copy_leaves(source, target):
-    """Copy the tensors of cache `source` into those of `target` (same structure), skipping any shared."""
-    for src, dst in zip(tensor_leaves(source), tensor_leaves(target), strict=True):
+    """Copy the tensors of cache `source` into those of `target` (same structure), skipping a tensor
+    that is its own target. A source that shares memory with some other target is read (cloned) before
+    anything is written: a cache passed round a period of graphs may hold at one place the very
+    tensor another place of the target is (MAC's memory state and its state at the segment's start)."""
+    sources, targets = tensor_leaves(source), tensor_leaves(target)
+    if len(sources) != len(targets):
+        raise ValueError(f"caches of different structures: {len(sources)} tensors against {len(targets)}")
+    written = {t.untyped_storage().data_ptr() for s, t in zip(sources, targets) if s is not t}
+    sources = [s.clone() if s.untyped_storage().data_ptr() in written and s is not t else s
+               for s, t in zip(sources, targets)]
+    for src, dst in zip(sources, targets):
         if src is not dst:
             dst.copy_(src)
 
@@ -83,14 +92,21 @@ def copy_leaves(source, target):
 # ------------------------------------------------------------------ capture
 
 
-def capture_cuda_graph(fn, pool=None):
-    """Run `fn` once under CUDA-graph capture (into memory pool `pool`, shared between graphs that
+def capture_cuda_graph(fn, pool=None, device=None):
+    """Run `fn` once under CUDA-graph capture on `device` (None: the current one; kernels on any other
+    device would run eagerly, not be captured), into memory pool `pool` (shared between graphs that
     are replayed in the order they were captured): returns `(outputs, replay)`, `replay()` rerunning
     the captured kernels on the same input buffers into the same output buffers."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        outputs = fn()
-    return outputs, graph.replay
+    with torch.cuda.device(device):
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream()):  # a capture stream on `device`
+            outputs = fn()
+
+    def replay():
+        with torch.cuda.device(device):
+            graph.replay()
+
+    return outputs, replay
 
 
 class HostReadError(RuntimeError):
@@ -109,7 +125,11 @@ class _NoHostTraffic(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name in self.READS:
+        # ops whose output shape depends on values: on CUDA they read the values back
+        data_dependent = func == torch.ops.aten.repeat_interleave.Tensor or (
+            name in ("index", "index_put", "index_put_")
+            and any(torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) if i is not None))
+        if name in self.READS or data_dependent:
             raise HostReadError(f"aten.{name} reads a value back to the host: a CUDA graph cannot capture it")
         if name in self.FROM_HOST:
             raise HostReadError(f"aten.{name}: a tensor made from host data (torch.tensor) inside the step: a CUDA "
@@ -117,7 +137,7 @@ class _NoHostTraffic(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def rerun_eagerly(fn, pool=None):
+def rerun_eagerly(fn, pool=None, device=None):
     """The stand-in for `capture_cuda_graph` on a CPU (tests): `fn` runs once as if captured (an op that
     reads a value back to the host or makes a tensor from host data raises `HostReadError`, where
     the capture would fail or bake a stale copy), and `replay()`
@@ -163,7 +183,9 @@ class GraphedLoss:
     `capture=rerun_eagerly`). The ids are not range-checked (the check reads them back to the host).
 
     The parameters' gradients accumulate into their `.grad`, allocated here and kept: zero them with
-    `zero_grad(set_to_none=False)` (a call after they were set to None raises). The loss returned is
+    `zero_grad(set_to_none=False)` (a call after they were set to None raises). A parameter the loss
+    does not reach keeps a zero gradient, where an eager backward leaves None (AdamW then still
+    decays it). The loss returned is
     the graph's output buffer, overwritten by the next call. Captured at construction, in training
     mode and under the autocast in force, after `warmup` eager runs (their gradients zeroed);
     `capture_seconds` is the warm-up and capture's wall time."""
@@ -188,7 +210,7 @@ class GraphedLoss:
             warm_up(step, device, warmup)
             for grad in self.grads:
                 grad.zero_()
-            self.loss, self.replay = capture(step)
+            self.loss, self.replay = capture(step, None, device)
         for grad in self.grads:  # the capture's own run (on a CPU, its stand-in's) counts for nothing
             grad.zero_()
         if device.type == "cuda":

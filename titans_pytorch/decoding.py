@@ -79,9 +79,9 @@ class GraphDecoder:
     new token `ids (batch, 1)` on CUDA, replayed from one CUDA graph per offset in the decoding period
     (captured the first time an offset comes up, after a warm-up run). The ids are not range-checked
     (the check reads them back to the host). The logits and caches it returns are its graphs' output
-    buffers, overwritten when the same graph replays a period later: read the logits before then, and
-    pass each cache back once, to the next call (a cache from the eager forward may start a run at any
-    time). The memories' `NeuralMemoryState.position` in them is not kept up to date. `capture` is
+    buffers: read the logits before the next call (the graphs share a memory pool, and another graph's
+    temporaries may lie there), and pass each cache back once, to the next call (a cache from the
+    eager forward may start a run at any time). The memories' `NeuralMemoryState.position` in them is not kept up to date. `capture` is
     `capture_cuda_graph` (the CPU tests pass `rerun_eagerly`)."""
 
     def __init__(self, model, capture=capture_cuda_graph):
@@ -89,7 +89,7 @@ class GraphDecoder:
         self.period, self.warmup = decoding_period(model), decoding_warmup(model)
         self.graphs: dict = {}
         self.offset = None
-        self.pool = torch.cuda.graph_pool_handle() if capture is capture_cuda_graph else None
+        self.pool = None  # one memory pool for all the graphs, made with the first
 
     @property
     def captures(self) -> int:
@@ -117,6 +117,9 @@ class GraphDecoder:
         device = ids.device
         if self.offset is None:
             self.offset = torch.zeros((), dtype=torch.long, device=device)
+            if self.capture is capture_cuda_graph:
+                with torch.cuda.device(device):
+                    self.pool = torch.cuda.graph_pool_handle()
         # a cache that another graph wrote is that graph's output buffers: capture on them (no copy
         # between the two); any other is cloned into buffers of this graph's own
         if any(cache.layers is graph.next_cache for graph in self.graphs.values()):
@@ -133,5 +136,5 @@ class GraphDecoder:
         with autocast_without_cache(device.type):
             if device.type == "cuda":
                 warm_up(step, device)
-            (logits, next_cache), replay = self.capture(step, self.pool)
+            (logits, next_cache), replay = self.capture(step, self.pool, device)
         return _Graph(static_ids, inputs, cache.position, logits, next_cache.layers, replay)
