@@ -355,7 +355,7 @@ def keep_freed_memory() -> bool:
     """On Linux with glibc, have malloc keep freed memory for reuse, as the environment variables
     `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` would at start-up: otherwise every freed
     block above 32 MiB (the fused chunk loop's state buffers, where it runs) and the heap's top go
-    back to the kernel, and each step page-faults them in again (README, "Performance").
+    back to the kernel, and each step page-faults them in again (docs/performance.md).
     Left alone when either variable is set. Returns whether the setting was made."""
     if sys.platform != "linux" or any(name in os.environ for name in MALLOC_VARIABLES):
         return False
