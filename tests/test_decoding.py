@@ -9,7 +9,7 @@ import torch
 from test_transformer import BUILDERS, MEMORY, NUM_TOKENS, SEGMENT, build
 from titans_pytorch import MemoryAsContextTransformer
 from titans_pytorch.cuda_graphs import rerun_eagerly
-from titans_pytorch.decoding import GraphDecoder, decoding_period, decoding_warmup, rotary_offset
+from titans_pytorch.decoding import MAX_GRAPHED_PERIOD, GraphDecoder, decoding_period, decoding_warmup, rotary_offset
 
 
 def decode(model, ids, prompt_len, decoder):
@@ -125,6 +125,14 @@ def test_short_generations_and_cpus_run_eagerly():
     model = build("mac")
     prompt = torch.randint(0, NUM_TOKENS, (1, 3))
     assert model._graph_decoder(prompt, 1000) is None  # not on CUDA
+
+
+@pytest.mark.cuda
+def test_long_periods_decode_eagerly():
+    long = build("mac", segment_len=2 * MAX_GRAPHED_PERIOD).cuda()
+    prompt = torch.randint(0, NUM_TOKENS, (1, 3), device="cuda")
+    assert long._graph_decoder(prompt, 10 * MAX_GRAPHED_PERIOD) is None
+    assert build("mac").cuda()._graph_decoder(prompt, 10 * MAX_GRAPHED_PERIOD) is not None
 
 
 @pytest.mark.cuda

@@ -34,8 +34,15 @@ from .cuda_graphs import autocast_without_cache, cache_structure, capture_cuda_g
 from .neural_memory import NeuralMemory
 
 
+# `generate` replays graphs for periods of up to this many tokens: one graph per offset keeps every
+# offset's output cache, and block attention's grows through the segment (the sum over a period of
+# 128 is 8K positions per layer; over the paper's 512, 131K)
+MAX_GRAPHED_PERIOD = 128
+
+
 def decoding_period(model) -> int:
-    """The least common multiple of `model`'s attention segment lengths and memory chunk sizes."""
+    """The least common multiple of `model`'s attention segment lengths and memory chunk sizes (times
+    their `refresh_every`)."""
     period = 1
     for module in model.modules():
         if isinstance(module, LocalAttention):

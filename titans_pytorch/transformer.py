@@ -23,7 +23,7 @@ from x_transformers.autoregressive_wrapper import FILTER_LOGITS_FN
 
 from .attention import LocalAttention, SwiGLU
 from .checks import check_non_negative_ints, check_positive_ints
-from .decoding import GraphDecoder
+from .decoding import MAX_GRAPHED_PERIOD, GraphDecoder
 from .neural_memory import NeuralMemory
 from .pretrained import PretrainedMixin
 
@@ -195,7 +195,8 @@ class TitansTransformer(PretrainedMixin, nn.Module):
 
         On CUDA, with `use_cache` and `cuda_graphs`, the one-token steps are replayed from CUDA
         graphs (`decoding.GraphDecoder`: one per offset in the period of segments and chunks,
-        captured when the offset first comes up) once at least two periods of tokens are to come."""
+        captured when the offset first comes up) once at least two periods of tokens are to come,
+        for periods of up to `decoding.MAX_GRAPHED_PERIOD` tokens."""
         self._check_ids(prompt, "prompt")
         if prompt.shape[1] == 0:
             raise ValueError("prompt must hold at least one token")
@@ -211,12 +212,16 @@ class TitansTransformer(PretrainedMixin, nn.Module):
                                       use_cache, decoder)
 
     def _graph_decoder(self, prompt, num_new_tokens):
-        """The CUDA-graph decoder for this generation, or None (not on CUDA, or too short to pay for
-        its captures)."""
+        """The CUDA-graph decoder for this generation, or None: not on CUDA, too short to pay for its
+        captures, or a period beyond `MAX_GRAPHED_PERIOD` (one graph per offset keeps every offset's
+        cache, and a block's cache grows through its segment: the paper's segments of 512 would hold
+        130K positions' keys and values per layer)."""
         if prompt.device.type != "cuda":
             return None
         decoder = GraphDecoder(self)
-        return decoder if num_new_tokens - 1 >= 2 * decoder.period + decoder.warmup else None
+        if decoder.period > MAX_GRAPHED_PERIOD or num_new_tokens - 1 < 2 * decoder.period + decoder.warmup:
+            return None
+        return decoder
 
     @torch.no_grad()
     def _generated_tokens(self, prompt, num_new_tokens, temperature, filter_fn, filter_kwargs, use_cache, decoder=None):
