@@ -215,7 +215,7 @@ class TitansTransformer(PretrainedMixin, nn.Module):
         """The CUDA-graph decoder for this generation, or None: not on CUDA, too short to pay for its
         captures, or a period beyond `MAX_GRAPHED_PERIOD` (one graph per offset keeps every offset's
         cache, and a block's cache grows through its segment: the paper's segments of 512 would hold
-        130K positions' keys and values per layer)."""
+        131K positions' keys and values per layer)."""
         if prompt.device.type != "cuda":
             return None
         decoder = GraphDecoder(self)
@@ -230,7 +230,7 @@ class TitansTransformer(PretrainedMixin, nn.Module):
         try:
             sequence, new, cache = prompt, prompt, None  # new: what the cache has not seen yet
             for _ in range(num_new_tokens):
-                if use_cache and decoder is not None and cache is not None:
+                if decoder is not None and cache is not None:  # one-token steps (decoder: with use_cache)
                     logits, cache = decoder(new, cache)
                 elif use_cache:
                     logits, cache = self(new, cache=cache, return_cache=True)
