@@ -105,7 +105,7 @@ def main():
     parser.add_argument("--decode-contexts", default="256,4096")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--model", choices=sorted(MODEL_CLASSES), default="mac")
-    parser.add_argument("--ff-mult", type=float, default=4.0, help="5.0 matches the peer's 19.5M parameters")
+    parser.add_argument("--ff-mult", type=float, default=4.0, help="5.0: 19.7M parameters, near the peer 0.5.5 model's 19.8M (compare_published.py's count)")
     parser.add_argument("--only-segment", action="store_true", help="only the per-segment host cost, every model")
     parser.add_argument("--breakdown", action="store_true", help="only the training step with parts switched off")
     args = parser.parse_args()
