@@ -185,10 +185,9 @@ class GraphedLoss:
     The parameters' gradients accumulate into their `.grad`, allocated here and kept: zero them with
     `zero_grad(set_to_none=False)` (a call after they were set to None raises). A parameter the loss
     does not reach keeps a zero gradient, where an eager backward leaves None (AdamW then still
-    decays it). The loss returned is
-    the graph's output buffer, overwritten by the next call. Captured at construction, in training
-    mode and under the autocast in force, after `warmup` eager runs (their gradients zeroed);
-    `capture_seconds` is the warm-up and capture's wall time."""
+    decays it). The loss returned is the graph's output buffer, overwritten by the next call.
+    Captured at construction, in training mode and under the autocast in force, after `warmup`
+    eager runs (their gradients zeroed); `capture_seconds` is the warm-up and capture's wall time."""
 
     def __init__(self, model, example_ids, scale: float = 1.0, capture=capture_cuda_graph, warmup: int = 3):
         started = time.perf_counter()

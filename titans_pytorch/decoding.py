@@ -88,13 +88,14 @@ class GraphDecoder:
     (the check reads them back to the host). The logits and caches it returns are its graphs' output
     buffers: read the logits before the next call (the graphs share a memory pool, and another graph's
     temporaries may lie there), and pass each cache back once, to the next call (a cache from the
-    eager forward may start a run at any time). The memories' `NeuralMemoryState.position` in them is not kept up to date. `capture` is
-    `capture_cuda_graph` (the CPU tests pass `rerun_eagerly`)."""
+    eager forward may start a run at any time). The memories' `NeuralMemoryState.position` in them
+    is not kept up to date. `capture` is `capture_cuda_graph` (the CPU tests pass `rerun_eagerly`)."""
 
     def __init__(self, model, capture=capture_cuda_graph):
         self.model, self.capture = model, capture
         self.period, self.warmup = decoding_period(model), decoding_warmup(model)
         self.graphs: dict = {}
+        self.structures: dict = {}  # id of a graph's output cache -> its structure, known once captured
         self.offset = None
         self.pool = None  # one memory pool for all the graphs, made with the first
 
@@ -109,10 +110,14 @@ class GraphDecoder:
     def __call__(self, ids, cache):
         if not self.replays(cache.position):
             return self.model(ids, cache=cache, return_cache=True)
-        key = (cache.position % self.period, cache_structure(cache.layers), tuple(ids.shape), ids.dtype)
+        structure = self.structures.get(id(cache.layers))  # no walk of the cache for a graph's own output
+        if structure is None:
+            structure = cache_structure(cache.layers)
+        key = (cache.position % self.period, structure, tuple(ids.shape), ids.dtype)
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._capture(ids, cache)
+            self.structures[id(graph.next_cache)] = cache_structure(graph.next_cache)
         if graph.cache is not cache.layers:
             copy_leaves(cache.layers, graph.cache)
         graph.ids.copy_(ids)
