@@ -5,6 +5,8 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from titans_pytorch.cuda_graphs import HOST_READ_OPS
+
 
 def _tensors(out):
     return [t for t in (out if isinstance(out, (list, tuple)) else (out,)) if torch.is_tensor(t)]
@@ -46,8 +48,7 @@ class HostReads(TorchDispatchMode):
     """Counts the aten ops dispatched inside it that read a tensor's values back to the host (on a
     GPU each waits for the device: a sync, and no CUDA graph can capture it)."""
 
-    READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose", "masked_select", "unique",
-             "_unique2", "item"}
+    READS = HOST_READ_OPS | {"item"}
 
     def __init__(self):
         super().__init__()

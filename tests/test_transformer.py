@@ -8,6 +8,7 @@ import torch
 
 from dispatch import Created, ElementsWritten, HostReads
 from titans_pytorch import MemoryAsContextTransformer, MemoryAsGateTransformer, MemoryAsLayerTransformer, MemoryTransformer
+from titans_pytorch.cuda_graphs import tensor_leaves
 
 NUM_TOKENS, SEGMENT = 32, 4
 MEMORY = dict(chunk_size=2, heads=2, dim_head=8)
@@ -74,24 +75,7 @@ def test_greedy_sampling_cached_equals_uncached(float64, name):
 
 def cache_numel(cache):
     """Elements held by a TransformerCache: every tensor in every layer's cache."""
-    total = 0
-
-    def visit(obj):
-        nonlocal total
-        if torch.is_tensor(obj):
-            total += obj.numel()
-        elif hasattr(obj, "items"):  # TensorDicts and dicts
-            for value in obj.values():
-                visit(value)
-        elif isinstance(obj, (list, tuple)):
-            for value in obj:
-                visit(value)
-        elif hasattr(obj, "__dataclass_fields__"):
-            for field in obj.__dataclass_fields__:
-                visit(getattr(obj, field))
-
-    visit(cache.layers)
-    return total
+    return sum(t.numel() for t in tensor_leaves(cache.layers))
 
 
 @pytest.mark.parametrize("name", BUILDERS)

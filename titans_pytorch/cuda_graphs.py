@@ -109,6 +109,11 @@ def capture_cuda_graph(fn, pool=None, device=None):
     return outputs, replay
 
 
+# aten ops that read a tensor's values back to the host (on CUDA, each a sync)
+HOST_READ_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose", "masked_select", "unique",
+                           "_unique2"})
+
+
 class HostReadError(RuntimeError):
     """Where a CUDA graph is captured, an op read a tensor's values back to the host or made a
     tensor from host data."""
@@ -120,7 +125,7 @@ class _NoHostTraffic(TorchDispatchMode):
     host data (`torch.tensor(...)`: on CUDA a copy from host memory, which a graph would replay from
     a buffer long gone)."""
 
-    READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose", "masked_select", "unique", "_unique2"}
+    READS = HOST_READ_OPS
     FROM_HOST = {"lift_fresh", "lift_fresh_copy"}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
