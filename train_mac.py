@@ -738,7 +738,7 @@ def readable(ids: torch.Tensor) -> str:
     return bytes(ids.tolist()).decode("utf-8", errors="replace").translate(_CONTROL)
 
 
-def sample_text(model, data: torch.Tensor, config, device, autocast, step: int) -> str:
+def sample_text(model, data: torch.Tensor, config, device, autocast, step: int, cuda_graphs: bool = True) -> str:
     """A continuation of a validation prompt by the cached sampler (min-p, temperature 0.8),
     under its own RNG so that sampling leaves the training run unchanged."""
     generator = torch.Generator().manual_seed(config.seed + step)
@@ -748,8 +748,7 @@ def sample_text(model, data: torch.Tensor, config, device, autocast, step: int) 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed + step)
         with autocast():
-            sampled = model.sample(prompt, prompt_len + config.sample_len, temperature=0.8,
-                                   cuda_graphs=config.cuda_graphs is not False)
+            sampled = model.sample(prompt, prompt_len + config.sample_len, temperature=0.8, cuda_graphs=cuda_graphs)
     rule = "-" * 30
     return (f"{rule} sample at step {step} {rule}\n{readable(prompt[0])}\n"
             f"{'>' * 10} the model continues:\n{readable(sampled[0])}\n{rule * 2}")
@@ -792,6 +791,7 @@ class Trainer:
         self._setup_model(checkpoint)
         self._announce(checkpoint)
         self.graphed = self._capture_training_step()
+        self.sample_graphs = config.cuda_graphs is not False  # until a graphed sample fails
         self.metrics = Metrics(self.out / METRICS, self.main_process, self.step if checkpoint else None)
         self.good_step = self.step if checkpoint else None  # the step of the checkpoint on disk
         self.valid_bpb = None
@@ -938,14 +938,18 @@ class Trainer:
     def _print_sample(self):
         if not self.main_process:
             return
+        def sample():
+            return sample_text(self.raw_model, self.valid_data, self.config, self.device, self.autocast, self.step,
+                               self.sample_graphs)
+
         try:
-            self.log(sample_text(self.raw_model, self.valid_data, self.config, self.device, self.autocast, self.step))
+            self.log(sample())
         except RuntimeError as error:  # a sample is not worth the run: retry eagerly, and stay eager
-            if self.config.cuda_graphs is False:
+            if not self.sample_graphs:
                 raise
             self.log(f"sampling from CUDA graphs failed ({one_line(error)}); sampling eagerly from now on")
-            self.config.cuda_graphs = False
-            self.log(sample_text(self.raw_model, self.valid_data, self.config, self.device, self.autocast, self.step))
+            self.sample_graphs = False
+            self.log(sample())
 
     def _finish(self):
         """The final sample, test bits per byte (--eval-test), the export (OUT/model), the plot
