@@ -51,7 +51,8 @@ def test_dual_equals_fused_with_every_gradient(float64, model_name, momentum, bl
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     for a, b in zip(*grads):
         assert b.abs().max() > 0
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+        # relative too: some gradients reach 2e3, where float64 rounding alone is 1e-10 on some CPUs
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-12)
 
 
 def test_transition_products_are_the_chained_matrices(float64):
