@@ -30,10 +30,15 @@ from titans_pytorch.cuda_graphs import GraphedLoss  # noqa: E402
 from titans_pytorch.decoding import GraphDecoder  # noqa: E402
 
 
-def train_model(device, name="mac", ff_mult=4.0):
+def train_model(device, name="mac", ff_mult=4.0, segment_len=None, chunk_size=None):
     # train_mac.py's base preset, the peer's train_mac.py model: dim 384, depth 8, segment 32,
     # 8 heads of 64, neural memory on layers 2, 4, 6 with 4 heads of 64 and chunk 4
-    return build_model(name, {**PRESETS["base"]["arch"], "ff_mult": ff_mult}).to(device)
+    arch = {**PRESETS["base"]["arch"], "ff_mult": ff_mult}
+    if segment_len is not None:
+        arch["segment_len"] = segment_len
+    if chunk_size is not None:
+        arch["neural_memory_kwargs"] = {**arch["neural_memory_kwargs"], "chunk_size": chunk_size}
+    return build_model(name, arch).to(device)
 
 
 def tiny_model(name, device):
@@ -106,6 +111,8 @@ def main():
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--model", choices=sorted(MODEL_CLASSES), default="mac")
     parser.add_argument("--ff-mult", type=float, default=4.0, help="5.0: 19.7M parameters, near the peer 0.5.5 model's 19.8M (compare_published.py's count)")
+    parser.add_argument("--segment-len", type=int, help="the timed model's segment (default: the base preset's 32)")
+    parser.add_argument("--chunk-size", type=int, help="its memory's chunk (default: the base preset's 4)")
     parser.add_argument("--only-segment", action="store_true", help="only the per-segment host cost, every model")
     parser.add_argument("--breakdown", action="store_true", help="only the training step with parts switched off")
     args = parser.parse_args()
@@ -122,9 +129,12 @@ def main():
         return
 
     torch.manual_seed(0)
-    model = train_model(device, args.model, args.ff_mult)
+    model = train_model(device, args.model, args.ff_mult, args.segment_len, args.chunk_size)
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.model}, train_mac.py base size, {params / 1e6:.1f}M parameters")
+    memory = next((m for m in model.modules() if isinstance(m, NeuralMemory)), None)
+    shape = ", ".join(([f"segment {model.segment_len}"] if hasattr(model, "segment_len") else [])
+                      + ([f"chunk {memory.chunk_size}"] if memory is not None else []))
+    print(f"model: {args.model}, train_mac.py base size ({shape}), {params / 1e6:.1f}M parameters")
 
     if not args.skip_train:
         ids = torch.randint(0, 256, (args.batch, args.seq_len + 1), device=device)
@@ -153,7 +163,7 @@ def main():
     model.eval()
     graphs = device.type == "cuda"
     print("\ndecoding: time per generated token after a context of n tokens (cached"
-          + ("; and replayed from CUDA graphs, GraphDecoder, after capturing one per offset in the period)" if graphs else ")"))
+          + ("; and replayed from CUDA graphs, GraphDecoder, after capturing one per kind of step)" if graphs else ")"))
     print(f"{'context':>8}  {'ms/token':>9}" + (f"  {'graphs':>9}  {'captures':>8}  {'capture s':>9}" if graphs else ""))
     per_token = {}
     for context in map(int, args.decode_contexts.split(",")):
@@ -173,7 +183,7 @@ def main():
             if graphs:
                 decoder = GraphDecoder(model)
                 start = time.perf_counter()
-                decode(decoder)  # captures every offset's graph (64 steps cover the period of 32)
+                decode(decoder)  # captures a graph for each kind of step it meets
                 torch.cuda.synchronize()
                 capture = time.perf_counter() - start
                 graphed = median_time(lambda: decode(decoder), device, args.repeats) / steps

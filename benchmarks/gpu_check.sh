@@ -48,6 +48,9 @@ if wants memory; then
 fi
 if wants models; then
     step bench_mac "$limit" python benchmarks/bench_mac.py --model mac --repeats 3 --decode-contexts 256,4096
+    # decoding with the paper's segments of 512 over chunks of 16 (17 graphs on static attention caches)
+    step bench_mac_paper_decoding "$limit" python benchmarks/bench_mac.py --model mac --skip-train --repeats 3 \
+        --segment-len 512 --chunk-size 16 --decode-contexts 256,4096
     for model in mag mal lmm; do
         step "bench_$model" "$limit" python benchmarks/bench_mac.py --model "$model" --repeats 2 --decode-contexts 256
     done

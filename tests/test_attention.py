@@ -35,3 +35,59 @@ def test_local_attention_equals_masked_dense_attention(float64, sliding, pieces)
         position += length
     torch.testing.assert_close(torch.cat(outputs, dim=1), expected, atol=1e-12, rtol=0)
     assert cache.keys.shape[2] <= window - 1
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+@pytest.mark.parametrize("prompt_len", [1, 6, 8])  # inside, at the end of, past the first segment
+def test_static_cache_steps_equal_masked_dense_attention(float64, sliding, prompt_len):
+    # one token at a time on fixed-size buffers (CUDA-graph decoding), after a prompt on the growing cache
+    torch.manual_seed(0)
+    window = 6
+    attention = LocalAttention(dim=16, heads=2, dim_head=8, segment_len=window, sliding=sliding)
+    x = torch.randn(2, 23, 16)
+    query, key = torch.arange(23)[:, None], torch.arange(23)[None, :]
+    if sliding:
+        allowed = (key <= query) & (key > query - window)
+    else:
+        allowed = (key <= query) & (key // window == query // window)
+    expected = dense_reference(attention, x, allowed)
+
+    out, cache = attention(x[:, :prompt_len], 0)
+    cache = attention.static_cache(cache, prompt_len)
+    buffers = cache.keys
+    outputs = [out]
+    for position in range(prompt_len, 23):
+        out, cache = attention(x[:, position : position + 1], position, cache)
+        outputs.append(out)
+    torch.testing.assert_close(torch.cat(outputs, dim=1), expected, atol=1e-12, rtol=0)
+    assert cache.keys is buffers and buffers.shape == (2, 2, window, 8)  # written in place, one slot a position
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_static_cache_with_two_keys_per_position_and_a_prefix(float64, sliding):
+    # MAC's layout: each position adds its retrieved memory token's key and its own, after a prefix
+    torch.manual_seed(0)
+    window, n = 4, 11
+    attention = LocalAttention(16, 2, 8, window, num_persist_mem_tokens=2, sliding=sliding, keys_per_position=2)
+    q, k, v = torch.randn(2, 2, n, 8), torch.randn(2, 2, 2 * n, 8), torch.randn(2, 2, 2 * n, 8)
+
+    def step(t, cache):
+        prefix = attention.prefix_keys_values(None, t, 2)
+        return attention.attend(q[:, :, t : t + 1], k[:, :, 2 * t : 2 * t + 2], v[:, :, 2 * t : 2 * t + 2], t, cache, prefix)
+
+    growing = attention.empty_cache(2, "cpu", torch.float64)
+    expected = []
+    for t in range(n):
+        out, growing = step(t, growing)
+        expected.append(out)
+        if t == 2:
+            static = attention.static_cache(growing, 3)
+    outputs = []
+    for t in range(3, n):
+        out, static = step(t, static)
+        outputs.append(out)
+    torch.testing.assert_close(torch.cat(outputs, dim=2), torch.cat(expected[3:], dim=2), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="one new position at a time"):
+        attention.attend(q[:, :, :2], k[:, :, :4], v[:, :, :4], 0, static)
+    with pytest.raises(ValueError, match="keys per position"):
+        attention.attend(q[:, :, :1], k[:, :, :1], v[:, :, :1], 0, static)

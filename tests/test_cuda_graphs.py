@@ -6,7 +6,8 @@ import torch
 
 from test_transformer import NUM_TOKENS, build
 from titans_pytorch.cuda_graphs import (
-    GraphedLoss, HostReadError, cache_structure, capture_cuda_graph, copy_leaves, map_tensors, rerun_eagerly, tensor_leaves,
+    GraphedLoss, HostReadError, cache_structure, capture_cuda_graph, copy_leaves, distinct_leaves, map_tensors, rerun_eagerly,
+    tensor_leaves,
 )
 
 
@@ -35,6 +36,22 @@ def test_copying_a_cache_reads_every_source_before_writing():
     assert target[0].item() == 1.0 and target[1].item() == 2.0
     with pytest.raises(ValueError, match="different structures"):
         copy_leaves([a], [b, c])
+
+
+def test_a_target_holding_one_tensor_twice_takes_a_copy_once_made_distinct():
+    # a step's output cache may hold one tensor at two places (MAC at a segment's start: the memory
+    # state and the state at the segment's start); a graph captured on it must be able to take a cache
+    # where the two differ, coming from another graph
+    a, b, c = torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([3.0])
+    shared = [a, {"again": a}, torch.zeros(0), torch.zeros(0)]
+    with pytest.raises(ValueError, match="two places"):
+        copy_leaves([b, {"again": c}, torch.zeros(0), torch.zeros(0)], shared)
+    copy_leaves([b, {"again": b}, torch.zeros(0), torch.zeros(0)], shared)  # one source for both: fine
+    assert a.item() == 2.0
+    distinct = distinct_leaves(shared)
+    assert distinct[0] is a and distinct[1]["again"] is not a and torch.equal(distinct[1]["again"], a)
+    copy_leaves([b, {"again": c}, torch.zeros(0), torch.zeros(0)], distinct)
+    assert (distinct[0].item(), distinct[1]["again"].item()) == (2.0, 3.0)
 
 
 def test_the_stand_in_refuses_what_a_capture_would():

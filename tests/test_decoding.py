@@ -1,5 +1,6 @@
-"""CUDA-graph decoding (`titans_pytorch.decoding`): one captured step per offset in the decoding
-period replays every later step at that offset. On a CPU the graphs are stood in for by
+"""CUDA-graph decoding (`titans_pytorch.decoding`): one captured step per kind of step (offset in the
+memories' period, a segment's start or not) replays every later step of that kind, on attention
+caches of fixed size written in place. On a CPU the graphs are stood in for by
 `rerun_eagerly`, which replays a step with the host work of its capture (the captured position
 included) into the capture's output buffers, as a graph does; the CUDA test captures real graphs."""
 
@@ -9,20 +10,39 @@ import torch
 from test_transformer import BUILDERS, MEMORY, NUM_TOKENS, SEGMENT, build
 from titans_pytorch import MemoryAsContextTransformer
 from titans_pytorch.cuda_graphs import rerun_eagerly
-from titans_pytorch.decoding import MAX_GRAPHED_PERIOD, GraphDecoder, decoding_period, decoding_warmup, rotary_offset
+from titans_pytorch.attention import StaticAttentionCache
+from titans_pytorch.decoding import MAX_GRAPHED_PERIOD, GraphDecoder, decoding_period, rotary_offset
 
 
-def decode(model, ids, prompt_len, decoder):
+def decode(model, ids, prompt_len, decoder, on_step=None):
     """Logits of `ids` from a prompt of `prompt_len` tokens, then one token at a time through `decoder`."""
     logits, cache = model(ids[:, :prompt_len], return_cache=True)
     steps = [logits]
     for t in range(prompt_len, ids.shape[1]):
         logits, cache = decoder(ids[:, t : t + 1], cache)
         steps.append(logits.clone())
+        if on_step is not None:
+            on_step(cache)
     return torch.cat(steps, dim=1), cache
 
 
-CASES = {**BUILDERS, "mac-refresh": lambda **kw: BUILDERS["mac"](neural_memory_kwargs={**MEMORY, "refresh_every": 2}, **kw)}
+LONG_SEGMENT = 4 * SEGMENT  # segments and windows of 16, chunks of 2: 3 kinds of step, not 16 offsets
+CASES = {
+    **BUILDERS,
+    "mac-refresh": lambda **kw: BUILDERS["mac"](neural_memory_kwargs={**MEMORY, "refresh_every": 2}, **kw),
+    "mac-long-segment": lambda **kw: BUILDERS["mac"](segment_len=LONG_SEGMENT, **kw),
+    "mag-long-window": lambda **kw: BUILDERS["mag"](segment_len=LONG_SEGMENT, **kw),
+}
+
+
+def decoding_length(model, prompt_len):
+    """Past the prompt, three segments (or memory periods, if longer) and a bit."""
+    decoder = GraphDecoder(model)
+    return prompt_len + 3 * max([decoder.period, *decoder.segment_lens]) + 3
+
+
+def attention_buffers(cache):
+    return [layer.attention for layer in cache.layers if layer.attention is not None]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -33,23 +53,31 @@ def test_replayed_steps_equal_eager_decoding(float64, name, prompt_len):
     torch.manual_seed(0)
     model = CASES[name]().eval()
     decoder = GraphDecoder(model, capture=rerun_eagerly)
-    length = prompt_len + decoder.warmup + 4 * decoder.period + 3
+    length = decoding_length(model, prompt_len)
     ids = torch.randint(0, NUM_TOKENS, (2, length))
+    buffers = []
     with torch.no_grad():
         eager, _ = decode(model, ids, prompt_len, lambda t, c: model(t, cache=c, return_cache=True))
-        logits, cache = decode(model, ids, prompt_len, decoder)
+        logits, cache = decode(model, ids, prompt_len, decoder, lambda c: buffers.append(attention_buffers(c)))
         if name in BUILDERS:
             torch.testing.assert_close(eager, model(ids), atol=1e-10, rtol=0)
     torch.testing.assert_close(logits, eager, atol=1e-10, rtol=0)
     assert cache.position == length
-    # one capture per offset in the period (and per warm-up shape): the later steps are replays
-    steps = length - max(prompt_len, decoder.warmup)
-    assert decoder.captures == decoder.period < steps
+    # one capture per kind of step: the later steps are replays
+    kinds = {decoder.step_kind(position) for position in range(prompt_len, length)}
+    assert decoder.captures == len(kinds) <= 2 * decoder.period < length - prompt_len
+    # the attention caches are fixed-size buffers, the same tensors from step to step, written in place
+    for step in buffers:
+        assert [(c.keys, c.values) for c in step] == [(c.keys, c.values) for c in buffers[0]]
+    for attention, (_, mixer, _, _) in zip(attention_buffers(cache), model.layers):
+        assert isinstance(attention, StaticAttentionCache)
+        assert attention.keys.shape[2] == mixer.attention.segment_len * mixer.attention.keys_per_position
 
 
 def test_the_rotary_offset_is_what_moves_a_step(float64):
-    # a step replayed a period later without shifting its rotary positions would attend as if still at
-    # the captured position: its logits differ, so the equality above depends on the offset
+    # a step replayed a period later without shifting its positions would attend as if still at the
+    # captured position (rotary angles, the slot it writes, the slots it sees): its logits differ, so the
+    # equality above depends on the offset
     model = build("mac").eval()
     decoder = GraphDecoder(model, capture=rerun_eagerly)
     ids = torch.randint(0, NUM_TOKENS, (2, 3 + 3 * decoder.period))
@@ -80,26 +108,34 @@ def test_rotary_offset_reaches_every_rotated_position(float64, name):
         attention = next(m for m in model.modules() if hasattr(m, "position_offset"))
         keys_values = attention.keys_values
 
-        def unshifted(*args):
-            offset, attention.position_offset = attention.position_offset, None
-            try:
-                return keys_values(*args)
-            finally:
-                attention.position_offset = offset
+        def unshifted(tokens, positions):
+            return keys_values(tokens, positions - attention.position_offset)
 
         attention.keys_values = unshifted
         with rotary_offset(model, torch.tensor(100)):
             assert (model(ids) - expected).abs().max() > 1e-3
 
 
-def test_period_and_warmup():
+def test_period_and_step_kinds():
     model = MemoryAsContextTransformer(num_tokens=8, dim=16, depth=2, segment_len=8, heads=2, dim_head=8,
                                        neural_memory_kwargs=dict(chunk_size=4, heads=2, dim_head=8))
-    assert (decoding_period(model), decoding_warmup(model)) == (8, 0)
+    decoder = GraphDecoder(model)
+    assert decoding_period(model) == decoder.period == 4
+    assert [decoder.step_kind(p) for p in (0, 4, 5, 8, 17)] == [(0, (True,)), (0, (False,)), (1, (False,)),
+                                                                 (0, (True,)), (1, (False,))]
     sliding = MemoryAsContextTransformer(num_tokens=8, dim=16, depth=2, segment_len=8, heads=2, dim_head=8,
                                          sliding_window_attn=True,
                                          neural_memory_kwargs=dict(chunk_size=4, heads=2, dim_head=8, refresh_every=4))
-    assert (decoding_period(sliding), decoding_warmup(sliding)) == (16, 8)
+    assert decoding_period(sliding) == 16
+    assert decoding_period(build("mac", neural_memory_layers=())) == 1  # no memory
+
+
+def test_one_token_at_a_time():
+    model = build("mac").eval()
+    ids = torch.randint(0, NUM_TOKENS, (1, 5))
+    _, cache = model(ids[:, :3], return_cache=True)
+    with pytest.raises(ValueError, match=r"one new token per sequence \(batch, 1\), got \(1, 2\)"):
+        GraphDecoder(model, capture=rerun_eagerly)(ids[:, 3:], cache)
 
 
 @pytest.mark.parametrize("name", ["mac", "mag"])
@@ -128,11 +164,13 @@ def test_short_generations_and_cpus_run_eagerly():
 
 
 @pytest.mark.cuda
-def test_long_periods_decode_eagerly():
-    long = build("mac", segment_len=2 * MAX_GRAPHED_PERIOD).cuda()
+def test_long_memory_periods_decode_eagerly():
+    long = build("mac", neural_memory_kwargs={**MEMORY, "refresh_every": MAX_GRAPHED_PERIOD}).cuda()
     prompt = torch.randint(0, NUM_TOKENS, (1, 3), device="cuda")
     assert long._graph_decoder(prompt, 10 * MAX_GRAPHED_PERIOD) is None
-    assert build("mac").cuda()._graph_decoder(prompt, 10 * MAX_GRAPHED_PERIOD) is not None
+    # a long segment is no reason not to: its steps share the graphs of the memory's chunk offsets
+    long_segment = build("mac", segment_len=4 * MAX_GRAPHED_PERIOD).cuda()
+    assert long_segment._graph_decoder(prompt, 10 * MAX_GRAPHED_PERIOD) is not None
 
 
 @pytest.mark.cuda
@@ -142,17 +180,17 @@ def test_cuda_graph_decoding_equals_eager_decoding(name, autocast):
     torch.manual_seed(0)
     model = CASES[name]().cuda().eval()
     decoder = GraphDecoder(model)
-    length = 5 + decoder.warmup + 4 * decoder.period
+    length = decoding_length(model, 5)
     ids = torch.randint(0, NUM_TOKENS, (2, length), device="cuda")
     tolerance = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-4, rtol=1e-4)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         eager, _ = decode(model, ids, 5, lambda t, c: model(t, cache=c, return_cache=True))
         logits, _ = decode(model, ids, 5, decoder)
     torch.testing.assert_close(logits.float(), eager.float(), **tolerance)
-    assert decoder.captures == decoder.period
-    assert model._graph_decoder(ids[:, :5], 2 * decoder.period + decoder.warmup + 1) is not None
-    assert model._graph_decoder(ids[:, :5], 2) is None
+    assert decoder.captures == len({decoder.step_kind(position) for position in range(5, length)})
+    assert model._graph_decoder(ids[:, :5], 2 * decoder.period + 1) is not None
+    assert model._graph_decoder(ids[:, :5], 2 * decoder.period) is None
     if not autocast:
-        prompt, new = ids[:, :3], 3 * decoder.period + decoder.warmup
-        assert torch.equal(model.sample(prompt, 3 + new, temperature=0.0),
-                           model.sample(prompt, 3 + new, temperature=0.0, cuda_graphs=False))
+        prompt = ids[:, :3]
+        assert torch.equal(model.sample(prompt, length, temperature=0.0),
+                           model.sample(prompt, length, temperature=0.0, cuda_graphs=False))

@@ -27,6 +27,21 @@ class AttentionCache:
         return AttentionCache(self.keys.detach(), self.values.detach())
 
 
+@dataclass
+class StaticAttentionCache:
+    """The same keys and values in buffers of fixed size, written in place (CUDA-graph decoding,
+    `decoding.GraphDecoder`): `(batch, heads, segment_len * r, dim_head)`, `r` keys per position,
+    position `p`'s in slot `p % segment_len` (a ring: a slot is rewritten a segment later). Which
+    slots a query sees, `attend` works out on the device from the query's position, so one step
+    serves every position, however far into its segment or window."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def detach(self):
+        return StaticAttentionCache(self.keys.detach(), self.values.detach())
+
+
 def segment_pieces(position: int, length: int, segment_len: int):
     """Split tokens `position .. position+length-1` at segment boundaries: yields (start, end)
     offsets into the input, each piece inside one segment."""
@@ -72,9 +87,11 @@ class LocalAttention(nn.Module):
     `out, cache = attn.attend(q, k, v, position, cache, prefix)`; `attn.to_out(out, normed)`.
     """
 
-    def __init__(self, dim, heads=8, dim_head=64, segment_len=128, num_persist_mem_tokens=0, sliding=False):
+    def __init__(self, dim, heads=8, dim_head=64, segment_len=128, num_persist_mem_tokens=0, sliding=False,
+                 keys_per_position=1):
         super().__init__()
         self.heads, self.dim_head, self.segment_len, self.sliding = heads, dim_head, segment_len, sliding
+        self.keys_per_position = keys_per_position  # keys each position adds (MAC with a memory: 2)
         dim_inner = heads * dim_head
         self.norm = nn.RMSNorm(dim)
         self.to_qkv = nn.Linear(dim, 3 * dim_inner, bias=False)
@@ -83,13 +100,16 @@ class LocalAttention(nn.Module):
         # output: a per-head sigmoid gate from the input, then the projection
         self.to_gate = nn.Linear(dim, heads)
         self.to_out_proj = nn.Linear(dim_inner, dim, bias=False)
-        # a device scalar added to every rotary position, or None: set while CUDA-graph decoding
-        # captures a step, so that the step replays at a later position (decoding.GraphDecoder)
+        # a device scalar added to every position, or None: set while CUDA-graph decoding captures
+        # a step, so that the step replays at a later position (decoding.GraphDecoder)
         self.position_offset = None
 
+    def positions(self, start: int, count: int, device):
+        """Absolute positions `start .. start + count - 1` `(count,)`, plus the position offset."""
+        positions = torch.arange(start, start + count, device=device)
+        return positions if self.position_offset is None else positions + self.position_offset
+
     def _rotate(self, t, positions):
-        if self.position_offset is not None:
-            positions = positions + self.position_offset
         freqs = self.rotary(positions.to(torch.float32))
         return apply_rotary_emb(freqs, t)
 
@@ -101,12 +121,13 @@ class LocalAttention(nn.Module):
         normed input (for the output gate)."""
         normed = self.norm(x)
         q, k, v = map(self._split_heads, self.to_qkv(normed).chunk(3, dim=-1))
-        positions = torch.arange(position, position + x.shape[1], device=x.device)
+        positions = self.positions(position, x.shape[1], x.device)
         return self._rotate(q, positions), self._rotate(k, positions), v, normed
 
     def keys_values(self, tokens, positions):
-        """Extra tokens `(b, m, dim)` attention should see -> keys (rotated at `positions (m,)`)
-        and values, `(b, h, m, d)`. Only the key and value rows of `to_qkv` are applied."""
+        """Extra tokens `(b, m, dim)` attention should see -> keys (rotated at `positions (m,)`, from
+        `positions()`: the offset included) and values, `(b, h, m, d)`. Only the key and value rows
+        of `to_qkv` are applied."""
         key_value_weight = self.to_qkv.weight[self.heads * self.dim_head :]
         k, v = map(self._split_heads, F.linear(self.norm(tokens), key_value_weight).chunk(2, dim=-1))
         return self._rotate(k, positions), v
@@ -115,8 +136,8 @@ class LocalAttention(nn.Module):
         """Persistent tokens plus `tokens (b, m, dim)` (or None) -> keys, values `(b, h, p, d)`
         rotated at the first position of `position`'s segment (None when there are none).
 
-        With `extra` tokens `(b, e, dim)` at `extra_positions (e,)`, their keys and values come out
-        of the same projection: returns `(prefix, (keys, values) of extra)`."""
+        With `extra` tokens `(b, e, dim)` at `extra_positions (e,)` (from `positions()`), their keys
+        and values come out of the same projection: returns `(prefix, (keys, values) of extra)`."""
         parts = []
         if self.persist_mem is not None:
             parts.append(self.persist_mem.expand(batch, -1, -1))
@@ -124,8 +145,12 @@ class LocalAttention(nn.Module):
             parts.append(tokens)
         if not parts:
             return None if extra is None else (None, self.keys_values(extra, extra_positions))
-        segment_start = position - position % self.segment_len
-        positions = torch.full((sum(part.shape[1] for part in parts),), segment_start, device=parts[0].device)
+        count, device = sum(part.shape[1] for part in parts), parts[0].device
+        if self.position_offset is None:
+            positions = torch.full((count,), position - position % self.segment_len, device=device)
+        else:  # the segment's start worked out on the device, where the position is
+            position = self.positions(position, 1, device)
+            positions = (position - position % self.segment_len).expand(count)
         if extra is None:
             return self.keys_values(torch.cat([part.to(parts[-1].dtype) for part in parts], dim=1), positions)
         sizes = [positions.shape[0], extra.shape[1]]
@@ -139,12 +164,58 @@ class LocalAttention(nn.Module):
         empty = torch.zeros(shape, device=device, dtype=dtype)
         return AttentionCache(empty, empty)
 
-    def attend(self, q, k, v, position: int, cache: AttentionCache, prefix=None):
+    def static_cache(self, cache: AttentionCache, position: int) -> StaticAttentionCache:
+        """`cache`, continuing at `position`, in fixed-size buffers (`StaticAttentionCache`)."""
+        batch, heads, cached, dim_head = cache.keys.shape
+        per_position = self.keys_per_position
+        slots = self.segment_len * per_position
+        keys = cache.keys.new_zeros(batch, heads, slots, dim_head)
+        values = cache.values.new_zeros(batch, heads, slots, dim_head)
+        context = cached // per_position  # the positions just before `position`
+        index = (torch.arange(position - context, position, device=keys.device) % self.segment_len)[:, None] * per_position
+        index = (index + torch.arange(per_position, device=keys.device)).flatten()
+        keys.index_copy_(2, index, cache.keys)
+        values.index_copy_(2, index, cache.values)
+        return StaticAttentionCache(keys, values)
+
+    def _attend_static(self, q, k, v, position: int, cache: StaticAttentionCache, prefix):
+        """`attend` for one query on a `StaticAttentionCache`: its keys written to their slots in
+        place, the slots it sees worked out from its position on the device (the same kernels at
+        every position)."""
+        if q.shape[2] != 1:
+            raise ValueError(f"a StaticAttentionCache takes one new position at a time, got {q.shape[2]}")
+        per_position, device = k.shape[2], q.device
+        if cache.keys.shape[2] != self.segment_len * per_position:
+            raise ValueError(f"a StaticAttentionCache of {cache.keys.shape[2]} slots, not segment_len "
+                             f"({self.segment_len}) x {per_position} keys per position")
+        here = self.positions(position, 1, device)  # (1,)
+        slot = here % self.segment_len
+        index = slot * per_position + torch.arange(per_position, device=device)
+        cache.keys.index_copy_(2, index, k.to(cache.keys.dtype))
+        cache.values.index_copy_(2, index, v.to(cache.values.dtype))
+        # slot s holds the latest position at or before this one that is s modulo segment_len
+        slots = torch.arange(self.segment_len, device=device)
+        key_pos = here - (here - slots) % self.segment_len
+        allowed = key_pos >= 0  # written already (a window not yet full)
+        if not self.sliding:
+            allowed &= slots <= slot  # this segment's (the later slots hold the previous segment's)
+        allowed = allowed[:, None].expand(-1, per_position).reshape(1, -1)
+        keys, values = cache.keys, cache.values
+        if prefix is not None:
+            keys = torch.cat((prefix[0], keys), dim=2)
+            values = torch.cat((prefix[1], values), dim=2)
+            allowed = torch.cat((allowed.new_ones(1, prefix[0].shape[2]), allowed), dim=1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed), cache
+
+    def attend(self, q, k, v, position: int, cache: AttentionCache | StaticAttentionCache, prefix=None):
         """One piece inside one segment: q `(b, h, n, d)` at absolute positions `position ..
         position + n - 1`; new keys/values `(b, h, r * n, d)`, `r` per position, ordered by
         position (r = 1: the queries' own). Each query sees the prefix and the keys at
         positions up to its own within its segment (block) or window (sliding). Returns the
-        attention output `(b, h, n, d)` and the updated cache."""
+        attention output `(b, h, n, d)` and the updated cache (a `StaticAttentionCache` is
+        written in place and returned)."""
+        if isinstance(cache, StaticAttentionCache):
+            return self._attend_static(q, k, v, position, cache, prefix)
         n = q.shape[2]
         per_position = k.shape[2] // n
         seq_keys = torch.cat((cache.keys, k), dim=2)

@@ -73,14 +73,44 @@ def cache_structure(tree):
     return tree  # None, layouts: compared by equality
 
 
+def _place(t):
+    """Where a tensor's elements lie: tensors with the same place are one buffer."""
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
+
+
+def distinct_leaves(tree):
+    """A copy of the cache `tree` in which a tensor already met at an earlier place (the same memory)
+    is cloned: a target `copy_leaves` can write any cache of the same structure into. (A step's output
+    cache may hold one tensor at two places: MAC's memory state and its state at the segment's start,
+    where a segment starts.)"""
+    seen = set()
+
+    def own(t):
+        if t.numel() == 0:
+            return t
+        place = _place(t)
+        if place in seen:
+            return t.clone()
+        seen.add(place)
+        return t
+
+    return map_tensors(tree, own)
+
+
 def copy_leaves(source, target):
     """Copy the tensors of cache `source` into those of `target` (same structure), skipping a tensor
     that is its own target. A source that shares memory with some other target is read (cloned) before
-    anything is written: a cache passed round a period of graphs may hold at one place the very
-    tensor another place of the target is (MAC's memory state and its state at the segment's start)."""
+    anything is written: a cache passed between graphs may hold at one place the very tensor another
+    place of the target is (MAC's memory state and its state at the segment's start). A target holding
+    one tensor at two places that the source fills from two raises (see `distinct_leaves`)."""
     sources, targets = tensor_leaves(source), tensor_leaves(target)
     if len(sources) != len(targets):
         raise ValueError(f"caches of different structures: {len(sources)} tensors against {len(targets)}")
+    filled = {}
+    for s, t in zip(sources, targets):
+        if t.numel() and filled.setdefault(_place(t), s) is not s:
+            raise ValueError("the target cache holds one tensor at two places that the source fills from two "
+                             "different ones: copy into a distinct_leaves copy of it")
     written = {t.untyped_storage().data_ptr() for s, t in zip(sources, targets) if s is not t}
     sources = [s.clone() if s.untyped_storage().data_ptr() in written and s is not t else s
                for s, t in zip(sources, targets)]

@@ -53,7 +53,9 @@ class MemoryAsContextMixer(nn.Module):
     ):
         super().__init__()
         self.segment_len = segment_len
-        self.attention = LocalAttention(dim, heads, dim_head, segment_len, num_persist_mem_tokens, sliding)
+        # with a memory, each position adds two keys: its retrieved memory token's and its own
+        self.attention = LocalAttention(dim, heads, dim_head, segment_len, num_persist_mem_tokens, sliding,
+                                        keys_per_position=2 if memory is not None else 1)
         self.memory = memory
         self.gate = MemoryGate(dim) if memory is not None else None
         self.longterm_queries = None
@@ -109,7 +111,7 @@ class MemoryAsContextMixer(nn.Module):
                 else:
                     longterm_read, retrieved = None, read
                 # each h_t is seen by the tokens at and after t: its key sits beside x_t's
-                positions = torch.arange(piece_position, position + end, device=x.device)
+                positions = self.attention.positions(piece_position, end - start, x.device)
                 if new_segment:  # the segment's prefix (persistent and long-term tokens) from the same projection
                     prefix, (retrieved_keys, retrieved_values) = self.attention.prefix_keys_values(
                         longterm_read, piece_position, batch, extra=retrieved, extra_positions=positions
