@@ -91,3 +91,25 @@ def test_static_cache_with_two_keys_per_position_and_a_prefix(float64, sliding):
         attention.attend(q[:, :, :2], k[:, :, :4], v[:, :, :4], 0, static)
     with pytest.raises(ValueError, match="keys per position"):
         attention.attend(q[:, :, :1], k[:, :, :1], v[:, :, :1], 0, static)
+
+
+@pytest.mark.parametrize("position", [0, 3, 8])
+@pytest.mark.parametrize("offset, length", [(None, 10), (8, 10), (7, 1)])  # an offset moves one-token steps
+def test_persistent_prefixes_of_all_pieces_at_once_equal_one_per_piece(float64, position, offset, length):
+    from titans_pytorch.attention import segment_pieces
+
+    torch.manual_seed(0)
+    attention = LocalAttention(16, 2, 8, segment_len=4, num_persist_mem_tokens=3)
+    attention.position_offset = None if offset is None else torch.tensor(offset)
+    pieces = list(segment_pieces(position, length, 4))
+    together = attention.persistent_prefixes(position, pieces, batch=2)
+    if offset is not None:  # one per piece, at the positions the offset moves them to
+        attention.position_offset, position = None, position + offset
+    apart = [attention.prefix_keys_values(None, position + start, 2) for start, _ in pieces]
+    assert len(together) == len(apart) == len(pieces) > (length > 1)
+    for (keys, values), (expected_keys, expected_values) in zip(together, apart):
+        assert keys.shape == expected_keys.shape == (2, 2, 3, 8)
+        torch.testing.assert_close(keys, expected_keys, atol=1e-12, rtol=0)
+        torch.testing.assert_close(values, expected_values, atol=1e-12, rtol=0)
+    if length > 1:
+        assert not torch.allclose(together[0][0], together[1][0])  # rotated at different segment starts

@@ -106,12 +106,19 @@ def test_rotary_offset_reaches_every_rotated_position(float64, name):
         assert all(m.position_offset is None for m in model.modules() if hasattr(m, "position_offset"))
         # the keys of persistent, long-term and retrieved tokens left unshifted: the logits move
         attention = next(m for m in model.modules() if hasattr(m, "position_offset"))
-        keys_values = attention.keys_values
+        keys_values, persistent_prefixes = attention.keys_values, attention.persistent_prefixes
 
-        def unshifted(tokens, positions):
+        def keys_values_unshifted(tokens, positions):
             return keys_values(tokens, positions - attention.position_offset)
 
-        attention.keys_values = unshifted
+        def persistent_prefixes_unshifted(*args):
+            offset, attention.position_offset = attention.position_offset, None
+            try:
+                return persistent_prefixes(*args)
+            finally:
+                attention.position_offset = offset
+
+        attention.keys_values, attention.persistent_prefixes = keys_values_unshifted, persistent_prefixes_unshifted
         with rotary_offset(model, torch.tensor(100)):
             assert (model(ids) - expected).abs().max() > 1e-3
 

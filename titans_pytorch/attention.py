@@ -159,6 +159,26 @@ class LocalAttention(nn.Module):
         (prefix_keys, extra_keys), (prefix_values, extra_values) = keys.split(sizes, dim=2), values.split(sizes, dim=2)
         return (prefix_keys, prefix_values), (extra_keys, extra_values)
 
+    def persistent_prefixes(self, position: int, pieces, batch: int):
+        """The persistent tokens' keys and values for each of `pieces` (`segment_pieces` of a call at
+        `position`: consecutive segments), rotated at its segment's first position, as
+        `prefix_keys_values(None, ...)` gives them: a list of `(keys, values)` `(b, h, p, d)` (None
+        without persistent tokens), from one projection and one rotation, not one per piece."""
+        if self.persist_mem is None:
+            return [None] * len(pieces)
+        count, device, length = self.persist_mem.shape[0], self.persist_mem.device, self.segment_len
+        key_value_weight = self.to_qkv.weight[self.heads * self.dim_head :]
+        keys, values = map(self._split_heads, F.linear(self.norm(self.persist_mem[None]), key_value_weight).chunk(2, dim=-1))
+        steps = torch.arange(0, len(pieces) * length, length, device=device)
+        if self.position_offset is None:
+            starts = steps + (position - position % length)
+        else:  # the first segment's start worked out on the device, where the position is
+            here = self.positions(position, 1, device)
+            starts = steps + (here - here % length)
+        rotated = self._rotate(keys.repeat(1, 1, len(pieces), 1), starts[:, None].expand(-1, count).reshape(-1))
+        values = values.expand(batch, -1, -1, -1)
+        return [(piece_keys.expand(batch, -1, -1, -1), values) for piece_keys in rotated.split(count, dim=2)]
+
     def empty_cache(self, batch, device, dtype):
         shape = (batch, self.heads, 0, self.dim_head)
         empty = torch.zeros(shape, device=device, dtype=dtype)
@@ -254,9 +274,9 @@ class LocalAttention(nn.Module):
         q, k, v, normed = self.project(x, position)
         pieces = list(segment_pieces(position, length, self.segment_len))
         q, k, v = (split_pieces(pieces, t, dim=2) for t in (q, k, v))
+        prefixes = self.persistent_prefixes(position, pieces, batch)
         outputs = []
         for index, (start, _) in enumerate(pieces):
-            prefix = self.prefix_keys_values(None, position + start, batch)
-            out, cache = self.attend(q[index], k[index], v[index], position + start, cache, prefix)
+            out, cache = self.attend(q[index], k[index], v[index], position + start, cache, prefixes[index])
             outputs.append(out)
         return self.to_out(torch.cat(outputs, dim=2), normed), cache
