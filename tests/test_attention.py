@@ -67,7 +67,7 @@ def test_static_cache_steps_equal_masked_dense_attention(float64, sliding, promp
 def test_static_cache_with_two_keys_per_position_and_a_prefix(float64, sliding):
     # MAC's layout: each position adds its retrieved memory token's key and its own, after a prefix
     torch.manual_seed(0)
-    window, n = 4, 11
+    window, n = 4, 13
     attention = LocalAttention(16, 2, 8, window, num_persist_mem_tokens=2, sliding=sliding, keys_per_position=2)
     q, k, v = torch.randn(2, 2, n, 8), torch.randn(2, 2, 2 * n, 8), torch.randn(2, 2, 2 * n, 8)
 
@@ -87,10 +87,16 @@ def test_static_cache_with_two_keys_per_position_and_a_prefix(float64, sliding):
         out, static = step(t, static)
         outputs.append(out)
     torch.testing.assert_close(torch.cat(outputs, dim=2), torch.cat(expected[3:], dim=2), atol=1e-12, rtol=0)
-    with pytest.raises(ValueError, match="one new position at a time"):
-        attention.attend(q[:, :, :2], k[:, :, :4], v[:, :, :4], 0, static)
     with pytest.raises(ValueError, match="keys per position"):
         attention.attend(q[:, :, :1], k[:, :, :1], v[:, :, :1], 0, static)
+    # a longer piece on a static cache continues as on the growing one
+    t, end = n, n + 2  # inside the segment 12..15
+    q2, k2, v2 = torch.randn(2, 2, end - t, 8), torch.randn(2, 2, 2 * (end - t), 8), torch.randn(2, 2, 2 * (end - t), 8)
+    prefix = attention.prefix_keys_values(None, t, 2)
+    out, cache = attention.attend(q2, k2, v2, t, static, prefix)
+    expected_out, expected_cache = attention.attend(q2, k2, v2, t, growing, prefix)
+    torch.testing.assert_close(out, expected_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(cache.keys, expected_cache.keys, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("position", [0, 3, 8])

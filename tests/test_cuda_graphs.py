@@ -67,6 +67,10 @@ def test_the_stand_in_refuses_what_a_capture_would():
         rerun_eagerly(lambda: x[x > 1])
     with pytest.raises(HostReadError, match="repeat_interleave"):
         rerun_eagerly(lambda: x.repeat_interleave(repeats))
+    for name in ("tolist", "numpy", "cpu"):  # host reads no dispatch mode sees
+        with pytest.raises(HostReadError, match=f"Tensor.{name}"):
+            rerun_eagerly(lambda: getattr(x, name)())
+        assert getattr(x, name)() is not None  # and the methods are back afterwards
     loss, replay = rerun_eagerly(lambda: model._loss(ids).detach())
     replay()
     torch.testing.assert_close(loss, model(ids, return_loss=True).detach(), atol=0, rtol=0)

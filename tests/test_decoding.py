@@ -32,13 +32,15 @@ CASES = {
     "mac-refresh": lambda **kw: BUILDERS["mac"](neural_memory_kwargs={**MEMORY, "refresh_every": 2}, **kw),
     "mac-long-segment": lambda **kw: BUILDERS["mac"](segment_len=LONG_SEGMENT, **kw),
     "mag-long-window": lambda **kw: BUILDERS["mag"](segment_len=LONG_SEGMENT, **kw),
+    # a layer without a memory beside one with (the former's prefix: persistent tokens alone)
+    "mac-mixed-layers": lambda **kw: BUILDERS["mac"](neural_memory_layers=(2,), **kw),
+    "mal-refresh-3": lambda **kw: BUILDERS["mal"](neural_memory_kwargs={**MEMORY, "refresh_every": 3}, **kw),
 }
 
 
 def decoding_length(model, prompt_len):
-    """Past the prompt, three segments (or memory periods, if longer) and a bit."""
-    decoder = GraphDecoder(model)
-    return prompt_len + 3 * max([decoder.period, *decoder.segment_lens]) + 3
+    """Past the prompt, three segments or windows (or memory chunks, if longer) and a bit."""
+    return prompt_len + 3 * max(GraphDecoder(model).period, getattr(model, "segment_len", 1)) + 3
 
 
 def attention_buffers(cache):
@@ -65,10 +67,11 @@ def test_replayed_steps_equal_eager_decoding(float64, name, prompt_len):
     assert cache.position == length
     # one capture per kind of step: the later steps are replays
     kinds = {decoder.step_kind(position) for position in range(prompt_len, length)}
-    assert decoder.captures == len(kinds) <= 2 * decoder.period < length - prompt_len
+    assert decoder.captures == len(kinds) <= decoder.period + 1 < length - prompt_len
     # the attention caches are fixed-size buffers, the same tensors from step to step, written in place
     for step in buffers:
-        assert [(c.keys, c.values) for c in step] == [(c.keys, c.values) for c in buffers[0]]
+        assert len(step) == len(buffers[0])
+        assert all(c.keys is first.keys and c.values is first.values for c, first in zip(step, buffers[0]))
     for attention, (_, mixer, _, _) in zip(attention_buffers(cache), model.layers):
         assert isinstance(attention, StaticAttentionCache)
         assert attention.keys.shape[2] == mixer.attention.segment_len * mixer.attention.keys_per_position
@@ -133,8 +136,33 @@ def test_period_and_step_kinds():
     sliding = MemoryAsContextTransformer(num_tokens=8, dim=16, depth=2, segment_len=8, heads=2, dim_head=8,
                                          sliding_window_attn=True,
                                          neural_memory_kwargs=dict(chunk_size=4, heads=2, dim_head=8, refresh_every=4))
-    assert decoding_period(sliding) == 16
+    # refresh_every plays no part (a one-token step completes one chunk at most); a sliding MAC's segment
+    # starts count (its prefix and long-term reads), MAG's window does not
+    assert GraphDecoder(sliding).period == 4 and GraphDecoder(sliding).step_kind(8) == (0, (True,))
+    assert GraphDecoder(build("mag")).step_kind(SEGMENT) == (0, ())
     assert decoding_period(build("mac", neural_memory_layers=())) == 1  # no memory
+
+
+@pytest.mark.parametrize("name", ["mac", "mac-sliding", "mag"])
+def test_graph_and_eager_caches_take_turns(float64, name):
+    # the decoder's cache continued eagerly by a longer piece, that eager cache back into the decoder, and
+    # the same decoder reused for another prompt: all as the uncached forward
+    model = CASES[name]().eval()
+    decoder = GraphDecoder(model, capture=rerun_eagerly)
+    ids = torch.randint(0, NUM_TOKENS, (2, 31))
+    with torch.no_grad():
+        full = model(ids)
+        logits, cache = model(ids[:, :3], return_cache=True)
+        steps = [logits]
+        for start, end, graphed in ((3, 12, True), (12, 19, False), (19, 31, True)):
+            for t in range(start, end) if graphed else [start]:
+                step = ids[:, t : t + 1] if graphed else ids[:, start:end]
+                logits, cache = decoder(step, cache) if graphed else model(step, cache=cache, return_cache=True)
+                steps.append(logits.clone())
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-10, rtol=0)
+        other = torch.randint(0, NUM_TOKENS, (2, 20))
+        logits, _ = decode(model, other, 5, decoder)
+    torch.testing.assert_close(logits, model(other), atol=1e-10, rtol=0)
 
 
 def test_one_token_at_a_time():
@@ -171,8 +199,9 @@ def test_short_generations_and_cpus_run_eagerly():
 
 
 @pytest.mark.cuda
-def test_long_memory_periods_decode_eagerly():
-    long = build("mac", neural_memory_kwargs={**MEMORY, "refresh_every": MAX_GRAPHED_PERIOD}).cuda()
+def test_long_memory_chunks_decode_eagerly():
+    chunk = 2 * MAX_GRAPHED_PERIOD
+    long = build("mac", segment_len=chunk, neural_memory_kwargs={**MEMORY, "chunk_size": chunk}).cuda()
     prompt = torch.randint(0, NUM_TOKENS, (1, 3), device="cuda")
     assert long._graph_decoder(prompt, 10 * MAX_GRAPHED_PERIOD) is None
     # a long segment is no reason not to: its steps share the graphs of the memory's chunk offsets

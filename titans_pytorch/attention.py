@@ -198,12 +198,22 @@ class LocalAttention(nn.Module):
         values.index_copy_(2, index, cache.values)
         return StaticAttentionCache(keys, values)
 
+    def growing_cache(self, cache: StaticAttentionCache, position: int, per_position: int) -> AttentionCache:
+        """The keys and values of a `StaticAttentionCache` that a query at `position` may see, in
+        position order: the `AttentionCache` eager attention continues."""
+        context = min(position, self.segment_len - 1) if self.sliding else position % self.segment_len
+        if cache.keys.shape[2] != self.segment_len * per_position:
+            raise ValueError(f"a StaticAttentionCache of {cache.keys.shape[2]} slots, not segment_len "
+                             f"({self.segment_len}) x {per_position} keys per position")
+        device = cache.keys.device
+        index = (torch.arange(position - context, position, device=device) % self.segment_len)[:, None] * per_position
+        index = (index + torch.arange(per_position, device=device)).flatten()
+        return AttentionCache(cache.keys.index_select(2, index), cache.values.index_select(2, index))
+
     def _attend_static(self, q, k, v, position: int, cache: StaticAttentionCache, prefix):
         """`attend` for one query on a `StaticAttentionCache`: its keys written to their slots in
         place, the slots it sees worked out from its position on the device (the same kernels at
         every position)."""
-        if q.shape[2] != 1:
-            raise ValueError(f"a StaticAttentionCache takes one new position at a time, got {q.shape[2]}")
         per_position, device = k.shape[2], q.device
         if cache.keys.shape[2] != self.segment_len * per_position:
             raise ValueError(f"a StaticAttentionCache of {cache.keys.shape[2]} slots, not segment_len "
@@ -227,33 +237,54 @@ class LocalAttention(nn.Module):
             allowed = torch.cat((allowed.new_ones(1, prefix[0].shape[2]), allowed), dim=1)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed), cache
 
-    def attend(self, q, k, v, position: int, cache: AttentionCache | StaticAttentionCache, prefix=None):
-        """One piece inside one segment: q `(b, h, n, d)` at absolute positions `position ..
-        position + n - 1`; new keys/values `(b, h, r * n, d)`, `r` per position, ordered by
-        position (r = 1: the queries' own). Each query sees the prefix and the keys at
-        positions up to its own within its segment (block) or window (sliding). Returns the
-        attention output `(b, h, n, d)` and the updated cache (a `StaticAttentionCache` is
-        written in place and returned)."""
-        if isinstance(cache, StaticAttentionCache):
-            return self._attend_static(q, k, v, position, cache, prefix)
-        n = q.shape[2]
-        per_position = k.shape[2] // n
-        seq_keys = torch.cat((cache.keys, k), dim=2)
-        seq_values = torch.cat((cache.values, v), dim=2)
-        context = cache.keys.shape[2] // per_position  # cached positions, the ones just before `position`
-        query_pos = torch.arange(position, position + n, device=q.device)
-        key_pos = torch.arange(position - context, position + n, device=q.device).repeat_interleave(per_position)
+    def _mask(self, position, n, context, per_position, prefix_len, dtype, device):
+        """`attend`'s additive mask `(n, prefix_len + (context + n) * per_position)`: 0 where a query at
+        `position ..` sees a key (the prefix, its segment's or window's earlier positions), -inf elsewhere."""
+        query_pos = torch.arange(position, position + n, device=device)
+        key_pos = torch.arange(position - context, position + n, device=device).repeat_interleave(per_position)
         allowed = key_pos[None, :] <= query_pos[:, None]
         if self.sliding:
             allowed &= key_pos[None, :] > query_pos[:, None] - self.segment_len
         else:
             allowed &= key_pos[None, :] >= (query_pos - query_pos % self.segment_len)[:, None]
+        if prefix_len:
+            allowed = torch.cat((allowed.new_ones(n, prefix_len), allowed), dim=1)
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+    def attend(self, q, k, v, position: int, cache: AttentionCache | StaticAttentionCache, prefix=None, masks=None):
+        """One piece inside one segment: q `(b, h, n, d)` at absolute positions `position ..
+        position + n - 1`; new keys/values `(b, h, r * n, d)`, `r` per position, ordered by
+        position (r = 1: the queries' own). Each query sees the prefix and the keys at
+        positions up to its own within its segment (block) or window (sliding). Returns the
+        attention output `(b, h, n, d)` and the updated cache (a `StaticAttentionCache` is
+        written in place and returned). `masks`: a dict the caller keeps for one call, in which
+        the pieces of the call share their masks (None: none kept)."""
+        if isinstance(cache, StaticAttentionCache):
+            if q.shape[2] == 1:
+                return self._attend_static(q, k, v, position, cache, prefix)
+            cache = self.growing_cache(cache, position, k.shape[2] // q.shape[2])  # a longer piece: as before
+        n = q.shape[2]
+        per_position = k.shape[2] // n
+        context = cache.keys.shape[2] // per_position  # cached positions, the ones just before `position`
+        if context:
+            seq_keys, seq_values = torch.cat((cache.keys, k), dim=2), torch.cat((cache.values, v), dim=2)
+        else:  # nothing cached (a segment's first piece): no copy, but the dtype a concatenation would give
+            dtype = torch.promote_types(cache.keys.dtype, k.dtype)
+            seq_keys, seq_values = k.to(dtype), v.to(dtype)
         keys, values = seq_keys, seq_values
         if prefix is not None:
             keys = torch.cat((prefix[0], keys), dim=2)
             values = torch.cat((prefix[1], values), dim=2)
-            allowed = torch.cat((allowed.new_ones(n, prefix[0].shape[2]), allowed), dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+        # the mask depends on the piece's place in its segment and the sizes only: built once per call
+        # (`masks`, the caller's, lives as long as the call), as the additive mask SDPA would make of it
+        prefix_len = 0 if prefix is None else prefix[0].shape[2]
+        key = (position % self.segment_len, n, context, per_position, prefix_len, q.dtype, q.device)
+        mask = None if masks is None else masks.get(key)
+        if mask is None:
+            mask = self._mask(position, n, context, per_position, prefix_len, q.dtype, q.device)
+            if masks is not None:
+                masks[key] = mask
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
         # keep what the next token may see: the current segment's positions, or the last window - 1
         end = position + n
@@ -274,9 +305,9 @@ class LocalAttention(nn.Module):
         q, k, v, normed = self.project(x, position)
         pieces = list(segment_pieces(position, length, self.segment_len))
         q, k, v = (split_pieces(pieces, t, dim=2) for t in (q, k, v))
-        prefixes = self.persistent_prefixes(position, pieces, batch)
+        prefixes, masks = self.persistent_prefixes(position, pieces, batch), {}
         outputs = []
         for index, (start, _) in enumerate(pieces):
-            out, cache = self.attend(q[index], k[index], v[index], position + start, cache, prefixes[index])
+            out, cache = self.attend(q[index], k[index], v[index], position + start, cache, prefixes[index], masks)
             outputs.append(out)
         return self.to_out(torch.cat(outputs, dim=2), normed), cache

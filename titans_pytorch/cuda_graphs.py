@@ -79,30 +79,31 @@ def _place(t):
 
 
 def distinct_leaves(tree):
-    """A copy of the cache `tree` in which a tensor already met at an earlier place (the same memory)
-    is cloned: a target `copy_leaves` can write any cache of the same structure into. (A step's output
-    cache may hold one tensor at two places: MAC's memory state and its state at the segment's start,
-    where a segment starts.)"""
-    seen = set()
+    """The cache `tree`, or where it holds one tensor (the same memory) at two places, a copy of it
+    with the later places cloned: a target `copy_leaves` can write any cache of the same structure
+    into. (A step's output cache may hold one tensor at two places: MAC's memory state and its state
+    at the segment's start, where a segment starts.)"""
+    seen, cloned = set(), []
 
     def own(t):
         if t.numel() == 0:
             return t
         place = _place(t)
         if place in seen:
+            cloned.append(t)
             return t.clone()
         seen.add(place)
         return t
 
-    return map_tensors(tree, own)
+    copy = map_tensors(tree, own)
+    return copy if cloned else tree
 
 
-def copy_leaves(source, target):
-    """Copy the tensors of cache `source` into those of `target` (same structure), skipping a tensor
-    that is its own target. A source that shares memory with some other target is read (cloned) before
-    anything is written: a cache passed between graphs may hold at one place the very tensor another
-    place of the target is (MAC's memory state and its state at the segment's start). A target holding
-    one tensor at two places that the source fills from two raises (see `distinct_leaves`)."""
+def copy_plan(source, target):
+    """What `copy_leaves(source, target)` does, worked out once: `(reads, writes)`, `reads` the
+    sources to clone first (they share memory with a target that is written), `writes` the
+    `(source, target)` pairs to copy, leaving out a tensor that is its own target. `run_copy_plan`
+    carries it out, as often as the two caches' buffers stay the same."""
     sources, targets = tensor_leaves(source), tensor_leaves(target)
     if len(sources) != len(targets):
         raise ValueError(f"caches of different structures: {len(sources)} tensors against {len(targets)}")
@@ -111,12 +112,28 @@ def copy_leaves(source, target):
         if t.numel() and filled.setdefault(_place(t), s) is not s:
             raise ValueError("the target cache holds one tensor at two places that the source fills from two "
                              "different ones: copy into a distinct_leaves copy of it")
-    written = {t.untyped_storage().data_ptr() for s, t in zip(sources, targets) if s is not t}
-    sources = [s.clone() if s.untyped_storage().data_ptr() in written and s is not t else s
-               for s, t in zip(sources, targets)]
-    for src, dst in zip(sources, targets):
-        if src is not dst:
-            dst.copy_(src)
+    pairs = [(s, t) for s, t in zip(sources, targets) if s is not t]
+    written = {t.untyped_storage().data_ptr() for _, t in pairs}
+    reads = [index for index, (s, _) in enumerate(pairs) if s.untyped_storage().data_ptr() in written]
+    return reads, pairs
+
+
+def run_copy_plan(plan):
+    reads, pairs = plan
+    sources = [s for s, _ in pairs]
+    for index in reads:
+        sources[index] = sources[index].clone()
+    for src, (_, dst) in zip(sources, pairs):
+        dst.copy_(src)
+
+
+def copy_leaves(source, target):
+    """Copy the tensors of cache `source` into those of `target` (same structure), skipping a tensor
+    that is its own target. A source that shares memory with some other target is read (cloned) before
+    anything is written: a cache passed between graphs may hold at one place the very tensor another
+    place of the target is (MAC's memory state and its state at the segment's start). A target holding
+    one tensor at two places that the source fills from two raises (see `distinct_leaves`)."""
+    run_copy_plan(copy_plan(source, target))
 
 
 # ------------------------------------------------------------------ capture
@@ -172,15 +189,39 @@ class _NoHostTraffic(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# Tensor methods that read values to the host without an aten op a dispatch mode sees
+_HOST_METHODS = ("tolist", "numpy", "cpu")
+
+
+@contextlib.contextmanager
+def _no_host_traffic():
+    """`_NoHostTraffic`, and the Tensor methods of `_HOST_METHODS` raising too."""
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise HostReadError(f"Tensor.{name}() reads values back to the host: a CUDA graph cannot capture it")
+        return method
+
+    saved = {name: getattr(torch.Tensor, name) for name in _HOST_METHODS}
+    for name in _HOST_METHODS:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        with _NoHostTraffic():
+            yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
 def rerun_eagerly(fn, pool=None, device=None):
     """The stand-in for `capture_cuda_graph` on a CPU (tests): `fn` runs once as if captured (an op that
-    reads a value back to the host or makes a tensor from host data raises `HostReadError`, where
-    the capture would fail or bake a stale copy), and `replay()`
-    reruns it (with the host work of that first call: what a graph bakes in), copying its results into
+    reads a value back to the host, `.tolist()`, `.numpy()` and `.cpu()` included, or makes a tensor
+    from host data raises `HostReadError`, where the capture would fail or bake a stale copy), and
+    `replay()` reruns it (with the host work of that first call: what a graph bakes in), copying its results into
     the first call's outputs, as a graph writes its static output buffers."""
 
     def run():
-        with _NoHostTraffic():
+        with _no_host_traffic():
             return fn()
 
     outputs = run()

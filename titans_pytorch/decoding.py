@@ -10,16 +10,15 @@ minus the captured one. Rotary angles, the slot a step writes, the slots its que
 segment's start are worked out from it on the device.
 
 What is left on the host depends on the position only through the step's kind: its offset in the
-memories' period (`chunk_size * refresh_every`: how many tokens are pending in the chunk, when it is
-complete and written) and whether a segment starts there (MAC's new prefix and long-term reads).
-One graph per kind, captured the first time the kind comes up, replays every later step of that
+memories' chunks (how many tokens are pending, when a chunk is complete and written) and whether a
+MAC segment starts there (its new prefix and long-term reads). One graph per kind, captured the first time the kind comes up, replays every later step of that
 kind: the paper's configuration (chunks of 16, segments of 512) decodes from 17 graphs.
 
 A graph's outputs (the logits and the next cache) are its static buffers, and the graph of the next
 step is captured on them as its inputs, so the cache moves from graph to graph without a copy; where
 a step follows another graph than the one its graph was captured after (a period wraps around, a
-segment ends), the cache is copied into its input buffers. The attention buffers are the same
-tensors in every graph. Each graph has a memory pool of its own: a graph's outputs (the memory's
+segment ends), the cache is copied into its input buffers, by a plan worked out once per pair of
+graphs (`cuda_graphs.copy_plan`). The attention buffers are the same tensors in every graph. Each graph has a memory pool of its own: a graph's outputs (the memory's
 weights after a chunk's write, MAC's prefix at a segment's start) stay in use for many later steps,
 and in a shared pool a graph captured earlier could reuse their memory for its temporaries.
 """
@@ -34,23 +33,32 @@ import torch
 
 from .attention import AttentionCache, LocalAttention
 from .cuda_graphs import (
-    autocast_without_cache, cache_structure, capture_cuda_graph, copy_leaves, distinct_leaves, map_tensors, warm_up,
+    autocast_without_cache, cache_structure, capture_cuda_graph, copy_leaves, copy_plan, distinct_leaves, map_tensors,
+    run_copy_plan, warm_up,
 )
 from .neural_memory import NeuralMemory
 
 
-# `generate` replays graphs for memory periods of up to this many tokens (one graph per offset)
+# `generate` replays graphs for memory chunks of up to this many tokens (one graph per offset)
 MAX_GRAPHED_PERIOD = 128
 
 
 def decoding_period(model) -> int:
-    """The least common multiple of `model`'s memory chunk sizes (times their `refresh_every`): 1
-    without a memory."""
+    """The least common multiple of `model`'s memory chunk sizes: 1 without a memory. (`refresh_every`
+    plays no part: a one-token step completes one chunk at most, and a call's refresh spans start
+    with the call.)"""
     period = 1
     for module in model.modules():
         if isinstance(module, NeuralMemory):
-            period = math.lcm(period, module.chunk_size * module.refresh_every)
+            period = math.lcm(period, module.chunk_size)
     return period
+
+
+def segment_lengths(model) -> list:
+    """The segment lengths at whose starts a mixer of `model` does host work of its own: those of
+    the mixers with a `segment_len` (MAC: the new prefix and long-term reads). Attention alone has
+    none (a sliding window, or a block's start, is the mask's business, on the device)."""
+    return sorted({mixer.segment_len for _, mixer, _, _ in model.layers if hasattr(mixer, "segment_len")})
 
 
 def static_caches(model, cache):
@@ -100,10 +108,10 @@ class GraphDecoder:
 
     def __init__(self, model, capture=capture_cuda_graph):
         self.model, self.capture = model, capture
-        self.period = decoding_period(model)
-        self.segment_lens = sorted({m.segment_len for m in model.modules() if isinstance(m, LocalAttention)})
+        self.period, self.segment_lens = decoding_period(model), segment_lengths(model)
         self.graphs: dict = {}
         self.structures: dict = {}  # id of a graph's output cache -> its structure, known once captured
+        self.plans: dict = {}  # (id of a graph's output cache, id of the next graph) -> the copy between
         self.offset = None
 
     @property
@@ -112,7 +120,7 @@ class GraphDecoder:
 
     def step_kind(self, position: int):
         """What a step at `position` does on the host depends on: its offset in the memories' period,
-        and at which attention segment lengths a segment starts there."""
+        and at which of the mixers' segment lengths (`segment_lengths`) a segment starts there."""
         return position % self.period, tuple(position % length == 0 for length in self.segment_lens)
 
     def __call__(self, ids, cache):
@@ -128,7 +136,13 @@ class GraphDecoder:
             graph = self.graphs[key] = self._capture(ids, cache)
             self.structures[id(graph.next_cache)] = cache_structure(graph.next_cache)
         if graph.cache is not cache.layers:
-            copy_leaves(cache.layers, graph.cache)
+            if id(cache.layers) in self.structures:  # a graph's output buffers: the same copy every time
+                plan = self.plans.get((id(cache.layers), id(graph)))
+                if plan is None:
+                    plan = self.plans[id(cache.layers), id(graph)] = copy_plan(cache.layers, graph.cache)
+                run_copy_plan(plan)
+            else:
+                copy_leaves(cache.layers, graph.cache)
         graph.ids.copy_(ids)
         self.offset.fill_(cache.position - graph.position)
         graph.replay()

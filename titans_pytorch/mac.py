@@ -87,7 +87,7 @@ class MemoryAsContextMixer(nn.Module):
             read_x, read_queries = split(read_x), split(read_queries, 2)
             if self.longterm_queries is not None:
                 longterm_x, longterm_queries = self.memory.read_queries(self.longterm_queries.to(x.dtype).expand(batch, -1, -1))
-        outputs = []
+        outputs, masks = [], {}  # masks: shared by the call's pieces (attend)
         for index, (start, end) in enumerate(pieces):
             piece_position = position + start
             # a segment starts here, or this is the first piece a fresh cache sees (the prefix is None
@@ -122,7 +122,7 @@ class MemoryAsContextMixer(nn.Module):
                     retrieved_keys, retrieved_values = self.attention.keys_values(retrieved, positions)
                 keys = torch.stack((retrieved_keys, keys), dim=3).flatten(2, 3)
                 values = torch.stack((retrieved_values, values), dim=3).flatten(2, 3)
-            y, attn_cache = self.attention.attend(q[index], keys, values, piece_position, attn_cache, prefix)
+            y, attn_cache = self.attention.attend(q[index], keys, values, piece_position, attn_cache, prefix, masks)
             y = self.attention.to_out(y, normed[index])
             if self.memory is not None:
                 # the attention layer's output in the residual stream, x_t + Attn_t, is what the
@@ -133,6 +133,8 @@ class MemoryAsContextMixer(nn.Module):
                                                         key_seq=x_pieces[index])
                 y = self.gate(y, memory_read)
             outputs.append(y)
+        if prefix is not None:  # a cache holds its own memory (the persistent prefixes are batch-expanded views)
+            prefix = tuple(t.contiguous() for t in prefix)
         return torch.cat(outputs, dim=1), MixerCache(attn_cache, memory_state, prefix, segment_memory)
 
 

@@ -194,9 +194,9 @@ class TitansTransformer(PretrainedMixin, nn.Module):
         model is in eval mode until the generator finishes or is closed.
 
         On CUDA, with `use_cache` and `cuda_graphs`, the one-token steps are replayed from CUDA
-        graphs (`decoding.GraphDecoder`: one per offset in the memories' chunks, and one for a
-        segment's start, each captured when it first comes up) once at least two periods of the
-        chunks are to come, for periods of up to `decoding.MAX_GRAPHED_PERIOD` tokens."""
+        graphs (`decoding.GraphDecoder`: one per offset in the memories' chunks, and one for a MAC
+        segment's start, each captured when it first comes up) once at least two chunks of tokens
+        are to come, for chunks of up to `decoding.MAX_GRAPHED_PERIOD` tokens."""
         self._check_ids(prompt, "prompt")
         if prompt.shape[1] == 0:
             raise ValueError("prompt must hold at least one token")
@@ -213,7 +213,7 @@ class TitansTransformer(PretrainedMixin, nn.Module):
 
     def _graph_decoder(self, prompt, num_new_tokens):
         """The CUDA-graph decoder for this generation, or None: not on CUDA, too short to pay for its
-        captures, or a memory period (chunk_size x refresh_every) beyond `MAX_GRAPHED_PERIOD`."""
+        captures, or memory chunks beyond `MAX_GRAPHED_PERIOD` tokens."""
         if prompt.device.type != "cuda":
             return None
         decoder = GraphDecoder(self)
