@@ -79,9 +79,8 @@ class MemoryAsContextMixer(nn.Module):
         split = lambda t, dim=1: split_pieces(pieces, t, dim)  # noqa: E731
         q, k, v = split(q, 2), split(k, 2), split(v, 2)
         x_pieces, normed = split(x), split(normed)
-        if self.memory is None:  # every segment's prefix of persistent tokens, projected at once
-            persistent = self.attention.persistent_prefixes(position, pieces, batch)
-        else:
+        persistent = None  # without a memory: every segment's prefix of persistent tokens, projected at once
+        if self.memory is not None:
             # the memory's read queries of every token and of the long-term query tokens, projected once
             read_x, read_queries = self.memory.read_queries(x)
             read_x, read_queries = split(read_x), split(read_queries, 2)
@@ -96,6 +95,8 @@ class MemoryAsContextMixer(nn.Module):
             keys, values = k[index], v[index]
             if self.memory is None:
                 if new_segment:
+                    if persistent is None:  # (a step inside a segment needs none: its prefix is cached)
+                        persistent = self.attention.persistent_prefixes(position, pieces, batch)
                     prefix = persistent[index]
             else:
                 if new_segment:
