@@ -11,16 +11,18 @@ segment's start are worked out from it on the device.
 
 What is left on the host depends on the position only through the step's kind: its offset in the
 memories' chunks (how many tokens are pending, when a chunk is complete and written) and whether a
-MAC segment starts there (its new prefix and long-term reads). One graph per kind, captured the first time the kind comes up, replays every later step of that
-kind: the paper's configuration (chunks of 16, segments of 512) decodes from 17 graphs.
+MAC segment starts there (its new prefix and long-term reads). One graph per kind, captured the
+first time the kind comes up, replays every later step of that kind: the paper's configuration
+(chunks of 16, segments of 512) decodes from 17 graphs.
 
 A graph's outputs (the logits and the next cache) are its static buffers, and the graph of the next
 step is captured on them as its inputs, so the cache moves from graph to graph without a copy; where
 a step follows another graph than the one its graph was captured after (a period wraps around, a
 segment ends), the cache is copied into its input buffers, by a plan worked out once per pair of
-graphs (`cuda_graphs.copy_plan`). The attention buffers are the same tensors in every graph. Each graph has a memory pool of its own: a graph's outputs (the memory's
-weights after a chunk's write, MAC's prefix at a segment's start) stay in use for many later steps,
-and in a shared pool a graph captured earlier could reuse their memory for its temporaries.
+graphs (`cuda_graphs.copy_plan`). The attention buffers are the same tensors in every graph. Each
+graph has a memory pool of its own: a graph's outputs (the memory's weights after a chunk's write,
+MAC's prefix at a segment's start) stay in use for many later steps, and in a shared pool a graph
+captured earlier could reuse their memory for its temporaries.
 """
 
 from __future__ import annotations
