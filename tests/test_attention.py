@@ -14,19 +14,25 @@ def dense_reference(attention, x, allowed):
     return attention.to_out(out, normed)
 
 
-@pytest.mark.parametrize("sliding", [False, True])
-@pytest.mark.parametrize("pieces", [(23,), (5, 1, 10, 7), (1,) * 23])
-def test_local_attention_equals_masked_dense_attention(float64, sliding, pieces):
+def window_problem(sliding, window=6, length=23):
+    """A `LocalAttention` over windows (or blocks) of `window`, inputs `(2, length, 16)`, and its
+    output by dense attention with the explicit mask."""
     torch.manual_seed(0)
-    window = 6
     attention = LocalAttention(dim=16, heads=2, dim_head=8, segment_len=window, sliding=sliding)
-    x = torch.randn(2, 23, 16)
-    query, key = torch.arange(23)[:, None], torch.arange(23)[None, :]
+    x = torch.randn(2, length, 16)
+    query, key = torch.arange(length)[:, None], torch.arange(length)[None, :]
     if sliding:
         allowed = (key <= query) & (key > query - window)
     else:
         allowed = (key <= query) & (key // window == query // window)
-    expected = dense_reference(attention, x, allowed)
+    return attention, x, dense_reference(attention, x, allowed)
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+@pytest.mark.parametrize("pieces", [(23,), (5, 1, 10, 7), (1,) * 23])
+def test_local_attention_equals_masked_dense_attention(float64, sliding, pieces):
+    window = 6
+    attention, x, expected = window_problem(sliding, window)
 
     outputs, cache, position = [], None, 0
     for length in pieces:  # streaming in pieces with the cache gives the same result
@@ -41,16 +47,8 @@ def test_local_attention_equals_masked_dense_attention(float64, sliding, pieces)
 @pytest.mark.parametrize("prompt_len", [1, 6, 8])  # inside, at the end of, past the first segment
 def test_static_cache_steps_equal_masked_dense_attention(float64, sliding, prompt_len):
     # one token at a time on fixed-size buffers (CUDA-graph decoding), after a prompt on the growing cache
-    torch.manual_seed(0)
     window = 6
-    attention = LocalAttention(dim=16, heads=2, dim_head=8, segment_len=window, sliding=sliding)
-    x = torch.randn(2, 23, 16)
-    query, key = torch.arange(23)[:, None], torch.arange(23)[None, :]
-    if sliding:
-        allowed = (key <= query) & (key > query - window)
-    else:
-        allowed = (key <= query) & (key // window == query // window)
-    expected = dense_reference(attention, x, allowed)
+    attention, x, expected = window_problem(sliding, window)
 
     out, cache = attention(x[:, :prompt_len], 0)
     cache = attention.static_cache(cache, prompt_len)

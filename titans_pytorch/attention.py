@@ -128,9 +128,13 @@ class LocalAttention(nn.Module):
         """Extra tokens `(b, m, dim)` attention should see -> keys (rotated at `positions (m,)`, from
         `positions()`: the offset included) and values, `(b, h, m, d)`. Only the key and value rows
         of `to_qkv` are applied."""
-        key_value_weight = self.to_qkv.weight[self.heads * self.dim_head :]
-        k, v = map(self._split_heads, F.linear(self.norm(tokens), key_value_weight).chunk(2, dim=-1))
+        k, v = self._project_keys_values(tokens)
         return self._rotate(k, positions), v
+
+    def _project_keys_values(self, tokens):
+        """tokens `(b, m, dim)` -> unrotated keys and values `(b, h, m, d)` (the key and value rows of `to_qkv`)."""
+        key_value_weight = self.to_qkv.weight[self.heads * self.dim_head :]
+        return map(self._split_heads, F.linear(self.norm(tokens), key_value_weight).chunk(2, dim=-1))
 
     def prefix_keys_values(self, tokens, position: int, batch: int, extra=None, extra_positions=None):
         """Persistent tokens plus `tokens (b, m, dim)` (or None) -> keys, values `(b, h, p, d)`
@@ -167,8 +171,7 @@ class LocalAttention(nn.Module):
         if self.persist_mem is None:
             return [None] * len(pieces)
         count, device, length = self.persist_mem.shape[0], self.persist_mem.device, self.segment_len
-        key_value_weight = self.to_qkv.weight[self.heads * self.dim_head :]
-        keys, values = map(self._split_heads, F.linear(self.norm(self.persist_mem[None]), key_value_weight).chunk(2, dim=-1))
+        keys, values = self._project_keys_values(self.persist_mem[None])  # (1, h, p, d)
         steps = torch.arange(0, len(pieces) * length, length, device=device)
         if self.position_offset is None:
             starts = steps + (position - position % length)
@@ -184,16 +187,23 @@ class LocalAttention(nn.Module):
         empty = torch.zeros(shape, device=device, dtype=dtype)
         return AttentionCache(empty, empty)
 
+    def _slot_index(self, start: int, stop: int, per_position: int, device):
+        """Where positions `start .. stop - 1`'s keys lie in a `StaticAttentionCache`, in position order."""
+        index = (torch.arange(start, stop, device=device) % self.segment_len)[:, None] * per_position
+        return (index + torch.arange(per_position, device=device)).flatten()
+
+    def _check_slots(self, cache: StaticAttentionCache, per_position: int):
+        if cache.keys.shape[2] != self.segment_len * per_position:
+            raise ValueError(f"a StaticAttentionCache of {cache.keys.shape[2]} slots, not segment_len "
+                             f"({self.segment_len}) x {per_position} keys per position")
+
     def static_cache(self, cache: AttentionCache, position: int) -> StaticAttentionCache:
         """`cache`, continuing at `position`, in fixed-size buffers (`StaticAttentionCache`)."""
         batch, heads, cached, dim_head = cache.keys.shape
         per_position = self.keys_per_position
-        slots = self.segment_len * per_position
-        keys = cache.keys.new_zeros(batch, heads, slots, dim_head)
-        values = cache.values.new_zeros(batch, heads, slots, dim_head)
-        context = cached // per_position  # the positions just before `position`
-        index = (torch.arange(position - context, position, device=keys.device) % self.segment_len)[:, None] * per_position
-        index = (index + torch.arange(per_position, device=keys.device)).flatten()
+        keys = cache.keys.new_zeros(batch, heads, self.segment_len * per_position, dim_head)
+        values = cache.values.new_zeros(batch, heads, self.segment_len * per_position, dim_head)
+        index = self._slot_index(position - cached // per_position, position, per_position, keys.device)
         keys.index_copy_(2, index, cache.keys)
         values.index_copy_(2, index, cache.values)
         return StaticAttentionCache(keys, values)
@@ -201,13 +211,9 @@ class LocalAttention(nn.Module):
     def growing_cache(self, cache: StaticAttentionCache, position: int, per_position: int) -> AttentionCache:
         """The keys and values of a `StaticAttentionCache` that a query at `position` may see, in
         position order: the `AttentionCache` eager attention continues."""
+        self._check_slots(cache, per_position)
         context = min(position, self.segment_len - 1) if self.sliding else position % self.segment_len
-        if cache.keys.shape[2] != self.segment_len * per_position:
-            raise ValueError(f"a StaticAttentionCache of {cache.keys.shape[2]} slots, not segment_len "
-                             f"({self.segment_len}) x {per_position} keys per position")
-        device = cache.keys.device
-        index = (torch.arange(position - context, position, device=device) % self.segment_len)[:, None] * per_position
-        index = (index + torch.arange(per_position, device=device)).flatten()
+        index = self._slot_index(position - context, position, per_position, cache.keys.device)
         return AttentionCache(cache.keys.index_select(2, index), cache.values.index_select(2, index))
 
     def _attend_static(self, q, k, v, position: int, cache: StaticAttentionCache, prefix):
@@ -215,9 +221,7 @@ class LocalAttention(nn.Module):
         place, the slots it sees worked out from its position on the device (the same kernels at
         every position)."""
         per_position, device = k.shape[2], q.device
-        if cache.keys.shape[2] != self.segment_len * per_position:
-            raise ValueError(f"a StaticAttentionCache of {cache.keys.shape[2]} slots, not segment_len "
-                             f"({self.segment_len}) x {per_position} keys per position")
+        self._check_slots(cache, per_position)
         here = self.positions(position, 1, device)  # (1,)
         slot = here % self.segment_len
         index = slot * per_position + torch.arange(per_position, device=device)
