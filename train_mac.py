@@ -944,7 +944,8 @@ class Trainer:
 
         try:
             self.log(sample())
-        except RuntimeError as error:  # a sample is not worth the run: retry eagerly, and stay eager
+        except (RuntimeError, ValueError) as error:  # CUDA's errors, or the decoder's own checks (copy_plan's):
+            # a sample is not worth the run: retry eagerly, and stay eager
             if not self.sample_graphs:
                 raise
             self.log(f"sampling from CUDA graphs failed ({one_line(error)}); sampling eagerly from now on")
