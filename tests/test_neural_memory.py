@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -277,3 +278,27 @@ def test_l2_normalize_matches_torch_normalize(float64):
     torch.testing.assert_close(grads[0][1:], grads[1][1:], atol=1e-10, rtol=1e-10)
     half = l2_normalize(x.detach().bfloat16())
     assert half.dtype == torch.float32
+
+
+def test_short_pieces_of_the_causal_convolution_equal_the_convolution(float64):
+    # decoding steps (up to CausalDepthwiseConv.SHORT new positions) take a multiply-and-sum over the
+    # windows, longer pieces the depthwise convolution: streamed in pieces of both, the same outputs
+    from titans_pytorch.neural_memory import CausalDepthwiseConv
+
+    torch.manual_seed(0)
+    conv = CausalDepthwiseConv(6, 4)
+    x = torch.randn(2, 60, 6, requires_grad=True)
+    cache = torch.zeros(2, 3, 6)
+    full, _ = conv(x, cache)  # 60 new positions: the convolution
+    expected = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), conv.conv.weight, groups=6).transpose(1, 2)
+    torch.testing.assert_close(full, expected, atol=1e-12, rtol=0)
+    outputs, start = [], 0
+    for length in (1, 16, 17, 3, 23):
+        out, cache = conv(x[:, start : start + length], cache)
+        outputs.append(out)
+        start += length
+    streamed = torch.cat(outputs, dim=1)
+    torch.testing.assert_close(streamed, full, atol=1e-12, rtol=0)
+    (grad_full,) = torch.autograd.grad(full.square().sum(), x)
+    (grad_streamed,) = torch.autograd.grad(streamed.square().sum(), x)
+    torch.testing.assert_close(grad_streamed, grad_full, atol=1e-12, rtol=0)
