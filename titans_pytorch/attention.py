@@ -150,11 +150,7 @@ class LocalAttention(nn.Module):
         if not parts:
             return None if extra is None else (None, self.keys_values(extra, extra_positions))
         count, device = sum(part.shape[1] for part in parts), parts[0].device
-        if self.position_offset is None:
-            positions = torch.full((count,), position - position % self.segment_len, device=device)
-        else:  # the segment's start worked out on the device, where the position is
-            position = self.positions(position, 1, device)
-            positions = (position - position % self.segment_len).expand(count)
+        positions = self._segment_starts(position, 1, device).expand(count)
         if extra is None:
             return self.keys_values(torch.cat([part.to(parts[-1].dtype) for part in parts], dim=1), positions)
         sizes = [positions.shape[0], extra.shape[1]]
@@ -163,6 +159,16 @@ class LocalAttention(nn.Module):
         (prefix_keys, extra_keys), (prefix_values, extra_values) = keys.split(sizes, dim=2), values.split(sizes, dim=2)
         return (prefix_keys, prefix_values), (extra_keys, extra_values)
 
+    def _segment_starts(self, position: int, segments: int, device):
+        """The first positions of `segments` consecutive segments, from `position`'s on, `(segments,)`,
+        the offset included (then worked out on the device, where the position is)."""
+        length = self.segment_len
+        if self.position_offset is None:
+            start = position - position % length
+            return torch.arange(start, start + segments * length, length, device=device)
+        here = self.positions(position, 1, device)
+        return torch.arange(0, segments * length, length, device=device) + (here - here % length)
+
     def persistent_prefixes(self, position: int, pieces, batch: int):
         """The persistent tokens' keys and values for each of `pieces` (`segment_pieces` of a call at
         `position`: consecutive segments), rotated at its segment's first position, as
@@ -170,14 +176,9 @@ class LocalAttention(nn.Module):
         without persistent tokens), from one projection and one rotation, not one per piece."""
         if self.persist_mem is None:
             return [None] * len(pieces)
-        count, device, length = self.persist_mem.shape[0], self.persist_mem.device, self.segment_len
+        count = self.persist_mem.shape[0]
         keys, values = self._project_keys_values(self.persist_mem[None])  # (1, h, p, d)
-        steps = torch.arange(0, len(pieces) * length, length, device=device)
-        if self.position_offset is None:
-            starts = steps + (position - position % length)
-        else:  # the first segment's start worked out on the device, where the position is
-            here = self.positions(position, 1, device)
-            starts = steps + (here - here % length)
+        starts = self._segment_starts(position, len(pieces), self.persist_mem.device)
         rotated = self._rotate(keys.repeat(1, 1, len(pieces), 1), starts[:, None].expand(-1, count).reshape(-1))
         values = values.expand(batch, -1, -1, -1)
         return [(piece_keys.expand(batch, -1, -1, -1), values) for piece_keys in rotated.split(count, dim=2)]
@@ -187,10 +188,10 @@ class LocalAttention(nn.Module):
         empty = torch.zeros(shape, device=device, dtype=dtype)
         return AttentionCache(empty, empty)
 
-    def _slot_index(self, start: int, stop: int, per_position: int, device):
-        """Where positions `start .. stop - 1`'s keys lie in a `StaticAttentionCache`, in position order."""
-        index = (torch.arange(start, stop, device=device) % self.segment_len)[:, None] * per_position
-        return (index + torch.arange(per_position, device=device)).flatten()
+    def _slot_index(self, positions, per_position: int):
+        """Where the keys of `positions (m,)` lie in a `StaticAttentionCache`, in position order `(m r,)`."""
+        index = (positions % self.segment_len)[:, None] * per_position
+        return (index + torch.arange(per_position, device=positions.device)).flatten()
 
     def _check_slots(self, cache: StaticAttentionCache, per_position: int):
         if cache.keys.shape[2] != self.segment_len * per_position:
@@ -203,7 +204,7 @@ class LocalAttention(nn.Module):
         per_position = self.keys_per_position
         keys = cache.keys.new_zeros(batch, heads, self.segment_len * per_position, dim_head)
         values = cache.values.new_zeros(batch, heads, self.segment_len * per_position, dim_head)
-        index = self._slot_index(position - cached // per_position, position, per_position, keys.device)
+        index = self._slot_index(torch.arange(position - cached // per_position, position, device=keys.device), per_position)
         keys.index_copy_(2, index, cache.keys)
         values.index_copy_(2, index, cache.values)
         return StaticAttentionCache(keys, values)
@@ -213,7 +214,7 @@ class LocalAttention(nn.Module):
         position order: the `AttentionCache` eager attention continues."""
         self._check_slots(cache, per_position)
         context = min(position, self.segment_len - 1) if self.sliding else position % self.segment_len
-        index = self._slot_index(position - context, position, per_position, cache.keys.device)
+        index = self._slot_index(torch.arange(position - context, position, device=cache.keys.device), per_position)
         return AttentionCache(cache.keys.index_select(2, index), cache.values.index_select(2, index))
 
     def _attend_static(self, q, k, v, position: int, cache: StaticAttentionCache, prefix):
@@ -223,8 +224,7 @@ class LocalAttention(nn.Module):
         per_position, device = k.shape[2], q.device
         self._check_slots(cache, per_position)
         here = self.positions(position, 1, device)  # (1,)
-        slot = here % self.segment_len
-        index = slot * per_position + torch.arange(per_position, device=device)
+        index = self._slot_index(here, per_position)
         cache.keys.index_copy_(2, index, k.to(cache.keys.dtype))
         cache.values.index_copy_(2, index, v.to(cache.values.dtype))
         # slot s holds the latest position at or before this one that is s modulo segment_len
@@ -232,7 +232,7 @@ class LocalAttention(nn.Module):
         key_pos = here - (here - slots) % self.segment_len
         allowed = key_pos >= 0  # written already (a window not yet full)
         if not self.sliding:
-            allowed &= slots <= slot  # this segment's (the later slots hold the previous segment's)
+            allowed &= slots <= here % self.segment_len  # this segment's (later slots: the previous segment's)
         allowed = allowed[:, None].expand(-1, per_position).reshape(1, -1)
         keys, values = cache.keys, cache.values
         if prefix is not None:

@@ -119,6 +119,7 @@ def copy_plan(source, target):
 
 
 def run_copy_plan(plan):
+    """Carry out a `copy_plan`: clone its reads, then copy every pair."""
     reads, pairs = plan
     sources = [s for s, _ in pairs]
     for index in reads:
@@ -217,8 +218,8 @@ def rerun_eagerly(fn, pool=None, device=None):
     """The stand-in for `capture_cuda_graph` on a CPU (tests): `fn` runs once as if captured (an op that
     reads a value back to the host, `.tolist()`, `.numpy()` and `.cpu()` included, or makes a tensor
     from host data raises `HostReadError`, where the capture would fail or bake a stale copy), and
-    `replay()` reruns it (with the host work of that first call: what a graph bakes in), copying its results into
-    the first call's outputs, as a graph writes its static output buffers."""
+    `replay()` reruns it (with the host work of that first call: what a graph bakes in), copying its
+    results into the first call's outputs, as a graph writes its static output buffers."""
 
     def run():
         with _no_host_traffic():

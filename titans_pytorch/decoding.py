@@ -129,7 +129,8 @@ class GraphDecoder:
         if ids.shape[1] != 1:
             raise ValueError(f"ids must be one new token per sequence (batch, 1), got {tuple(ids.shape)}")
         structure = self.structures.get(id(cache.layers))  # no walk of the cache for a graph's own output
-        if structure is None:  # from elsewhere: its attention into fixed-size buffers first
+        from_graph = structure is not None
+        if not from_graph:  # its attention into fixed-size buffers first
             cache = static_caches(self.model, cache)
             structure = cache_structure(cache.layers)
         key = (self.step_kind(cache.position), structure, tuple(ids.shape), ids.dtype)
@@ -138,7 +139,7 @@ class GraphDecoder:
             graph = self.graphs[key] = self._capture(ids, cache)
             self.structures[id(graph.next_cache)] = cache_structure(graph.next_cache)
         if graph.cache is not cache.layers:
-            if id(cache.layers) in self.structures:  # a graph's output buffers: the same copy every time
+            if from_graph:  # a graph's output buffers: the same copy every time
                 plan = self.plans.get((id(cache.layers), id(graph)))
                 if plan is None:
                     plan = self.plans[id(cache.layers), id(graph)] = copy_plan(cache.layers, graph.cache)
