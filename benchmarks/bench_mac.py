@@ -15,18 +15,19 @@ the aten compute ops it dispatches, forward and backward, and the CPU time they 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import torch
-from bench_memory import device_name, marginal_dispatch_cost, median_time, print_table  # the sibling script's helpers
+from bench_memory import DispatchCounter, device_name, marginal_dispatch_cost, median_time, print_table  # the sibling script's helpers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train_mac import MODEL_CLASSES, PRESETS, build_model  # noqa: E402  (the trainer's models)
 from titans_pytorch import NeuralMemory  # noqa: E402
-from titans_pytorch.cuda_graphs import GraphedLoss  # noqa: E402
+from titans_pytorch.cuda_graphs import GraphedLoss, rerun_eagerly  # noqa: E402
 from titans_pytorch.decoding import GraphDecoder  # noqa: E402
 
 
@@ -70,6 +71,42 @@ def print_segment_cost(names, device):
     print("per segment of 32 tokens at the tiny size (dim 32, base preset's depth, memory layers and chunk, batch 1):"
           " aten compute ops dispatched and host CPU time, forward+backward")
     print_table(("model", "ops forward", "ops backward", "ops total", "host ms"), rows)
+
+
+def decoding_ops(name, device, context=256, steps=64):
+    """Aten compute ops a one-token step of the tiny model dispatches, averaged over `steps` steps
+    after `context` tokens: cached eagerly, and what `GraphDecoder`'s graphs replay (the kernels a
+    CUDA graph holds; counted here through the CPU stand-in `rerun_eagerly`, after a first pass over
+    the same steps has captured every kind)."""
+    model = tiny_model(name, device).eval()
+    prompt = torch.randint(0, 256, (1, context), device=device)
+    counter = DispatchCounter()
+
+    def counted_capture(fn, pool=None, device=None):
+        def counted():
+            with counter:
+                return fn()
+        return rerun_eagerly(counted, pool, device)
+
+    counts = []
+    with torch.no_grad():
+        _, cache = model(prompt, return_cache=True)
+        token = prompt[:, -1:]
+        for step, passes in ((lambda t, c: model(t, cache=c, return_cache=True), 1), (GraphDecoder(model, counted_capture), 2)):
+            for _ in range(passes):  # the graphs' first pass captures them
+                counter.compute, eager_counter, c = 0, DispatchCounter(), cache
+                with eager_counter if passes == 1 else contextlib.nullcontext():
+                    for _ in range(steps):
+                        _, c = step(token, c)
+            counts.append((eager_counter.compute if passes == 1 else counter.compute) / steps)
+    return counts
+
+
+def print_decoding_ops(names, device):
+    rows = [(name, *(f"{ops:.0f}" for ops in decoding_ops(name, device))) for name in names]
+    print("per decoding step at the tiny size, after 256 tokens (batch 1, the mean of 64 one-token steps):"
+          " aten compute ops dispatched")
+    print_table(("model", "ops cached", "ops from graphs"), rows)
 
 
 def print_breakdown(device, batch, seq_len, repeats):
@@ -124,7 +161,10 @@ def main():
     if args.breakdown:
         print_breakdown(device, args.batch, args.seq_len, args.repeats)
         return
-    print_segment_cost(("mac", "mag", "mal", "lmm", "window") if args.only_segment else (args.model,), device)
+    names = ("mac", "mag", "mal", "lmm", "window") if args.only_segment else (args.model,)
+    print_segment_cost(names, device)
+    print()
+    print_decoding_ops(names, device)
     if args.only_segment:
         return
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from rotary_embedding_torch import apply_rotary_emb
 
 from titans_pytorch.attention import LocalAttention
 
@@ -26,6 +27,22 @@ def window_problem(sliding, window=6, length=23):
     else:
         allowed = (key <= query) & (key // window == query // window)
     return attention, x, dense_reference(attention, x, allowed)
+
+
+@pytest.mark.parametrize("position", [0, 13])
+def test_project_rotates_queries_and_keys_at_their_positions(float64, position):
+    # the queries' and keys' heads go through one rotation side by side: each as rotary-embedding-torch
+    # rotates it alone, at the absolute positions of the piece (angles in float32, as the library's)
+    torch.manual_seed(0)
+    attention = LocalAttention(dim=16, heads=2, dim_head=8, segment_len=6)
+    x = torch.randn(2, 5, 16)
+    q, k, v, normed = attention.project(x, position)
+    heads = torch.nn.functional.linear(attention.norm(x), attention.to_qkv.weight).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    angles = attention.rotary(torch.arange(position, position + 5, dtype=torch.float32))
+    for rotated, unrotated in ((q, heads[0]), (k, heads[1])):
+        torch.testing.assert_close(rotated, apply_rotary_emb(angles, unrotated), atol=1e-12, rtol=0)
+    torch.testing.assert_close(v, heads[2], atol=0, rtol=0)
+    assert not torch.equal(q, heads[0])  # (the rotation did something)
 
 
 @pytest.mark.parametrize("sliding", [False, True])

@@ -10,7 +10,7 @@ import torch
 from test_transformer import BUILDERS, MEMORY, NUM_TOKENS, SEGMENT, build
 from titans_pytorch import MemoryAsContextTransformer
 from titans_pytorch.cuda_graphs import rerun_eagerly
-from titans_pytorch.attention import StaticAttentionCache
+from titans_pytorch.attention import LocalAttention, StaticAttentionCache
 from titans_pytorch.decoding import MAX_GRAPHED_PERIOD, GraphDecoder, decoding_period, rotary_offset
 
 
@@ -75,6 +75,30 @@ def test_replayed_steps_equal_eager_decoding(float64, name, prompt_len):
     for attention, (_, mixer, _, _) in zip(attention_buffers(cache), model.layers):
         assert isinstance(attention, StaticAttentionCache)
         assert attention.keys.shape[2] == mixer.attention.segment_len * mixer.attention.keys_per_position
+
+
+@pytest.mark.parametrize("name, distinct", [("mac", 1), ("mac-mixed-layers", 2), ("mag", 1), ("mal", 1)])
+def test_a_step_builds_each_distinct_mask_once(float64, name, distinct, monkeypatch):
+    # the layers of one forward attend at the same positions: a step builds each distinct mask (here: per
+    # keys per position) once, eagerly and in a graph, not once per layer; the outputs are checked above
+    built = []
+    for method in ("_mask", "_static_slots_and_mask"):
+        original = getattr(LocalAttention, method)
+        monkeypatch.setattr(LocalAttention, method, lambda self, *args, original=original: built.append(self) or original(self, *args))
+    torch.manual_seed(0)
+    model = CASES[name]().eval()
+    assert len(model.layers) == 2
+    ids = torch.randint(0, NUM_TOKENS, (2, 3 * SEGMENT))
+    with torch.no_grad():
+        _, cache = model(ids[:, :SEGMENT + 1], return_cache=True)
+        decoder = GraphDecoder(model, capture=rerun_eagerly)
+        for step in (lambda t, c: model(t, cache=c, return_cache=True), decoder):
+            steps = cache
+            for t in range(SEGMENT + 1, ids.shape[1]):
+                built.clear()
+                captures = decoder.captures
+                _, steps = step(ids[:, t : t + 1], steps)
+                assert len(built) == distinct * (1 + decoder.captures - captures)  # (the stand-in runs a capture too)
 
 
 def test_the_rotary_offset_is_what_moves_a_step(float64):

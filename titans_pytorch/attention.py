@@ -120,9 +120,11 @@ class LocalAttention(nn.Module):
         """x `(b, n, dim)` at absolute `position` -> rotated q, k and v `(b, h, n, d)`, and the
         normed input (for the output gate)."""
         normed = self.norm(x)
-        q, k, v = map(self._split_heads, self.to_qkv(normed).chunk(3, dim=-1))
-        positions = self.positions(position, x.shape[1], x.device)
-        return self._rotate(q, positions), self._rotate(k, positions), v, normed
+        qk, v = self.to_qkv(normed).split([2 * self.heads * self.dim_head, self.heads * self.dim_head], dim=-1)
+        # the queries' and keys' heads side by side: one rotation for both
+        qk = rearrange(qk, "b n (h d) -> b h n d", h=2 * self.heads)
+        q, k = self._rotate(qk, self.positions(position, x.shape[1], x.device)).chunk(2, dim=1)
+        return q, k, self._split_heads(v), normed
 
     def keys_values(self, tokens, positions):
         """Extra tokens `(b, m, dim)` attention should see -> keys (rotated at `positions (m,)`, from
@@ -217,29 +219,44 @@ class LocalAttention(nn.Module):
         index = self._slot_index(torch.arange(position - context, position, device=cache.keys.device), per_position)
         return AttentionCache(cache.keys.index_select(2, index), cache.values.index_select(2, index))
 
-    def _attend_static(self, q, k, v, position: int, cache: StaticAttentionCache, prefix):
+    def _attend_static(self, q, k, v, position: int, cache: StaticAttentionCache, prefix, masks=None):
         """`attend` for one query on a `StaticAttentionCache`: its keys written to their slots in
         place, the slots it sees worked out from its position on the device (the same kernels at
         every position)."""
         per_position, device = k.shape[2], q.device
         self._check_slots(cache, per_position)
-        here = self.positions(position, 1, device)  # (1,)
-        index = self._slot_index(here, per_position)
+        prefix_len = 0 if prefix is None else prefix[0].shape[2]
+        # the slots this step writes and its mask depend on the position and the sizes only: worked
+        # out once per forward (`masks`) for all the layers alike
+        key = ("static", position, self.segment_len, self.sliding, per_position, prefix_len, q.dtype, device)
+        slots_and_mask = None if masks is None else masks.get(key)
+        if slots_and_mask is None:
+            slots_and_mask = self._static_slots_and_mask(position, per_position, prefix_len, q.dtype, device)
+            if masks is not None:
+                masks[key] = slots_and_mask
+        index, mask = slots_and_mask
         cache.keys.index_copy_(2, index, k.to(cache.keys.dtype))
         cache.values.index_copy_(2, index, v.to(cache.values.dtype))
-        # slot s holds the latest position at or before this one that is s modulo segment_len
-        slots = torch.arange(self.segment_len, device=device)
-        key_pos = here - (here - slots) % self.segment_len
-        allowed = key_pos >= 0  # written already (a window not yet full)
-        if not self.sliding:
-            allowed &= slots <= here % self.segment_len  # this segment's (later slots: the previous segment's)
-        allowed = allowed[:, None].expand(-1, per_position).reshape(1, -1)
         keys, values = cache.keys, cache.values
         if prefix is not None:
             keys = torch.cat((prefix[0], keys), dim=2)
             values = torch.cat((prefix[1], values), dim=2)
-            allowed = torch.cat((allowed.new_ones(1, prefix[0].shape[2]), allowed), dim=1)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed), cache
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), cache
+
+    def _static_slots_and_mask(self, position: int, per_position: int, prefix_len: int, dtype, device):
+        """For `_attend_static`'s query at `position` (the offset included, on the device): the slots its
+        keys go to `(per_position,)` and its additive mask `(1, prefix_len + segment_len * per_position)`.
+        Slot s holds the latest position at or before the query's that is s modulo segment_len; it is
+        seen once written and, in block attention, within the query's segment."""
+        here = self.positions(position, 1, device)  # (1,)
+        slots = torch.arange(self.segment_len, device=device)
+        key_pos = here - (here - slots) % self.segment_len
+        hidden = key_pos < 0  # not written yet (a window not yet full)
+        if not self.sliding:
+            hidden |= slots > here % self.segment_len  # the previous segment's
+        hidden = F.pad(hidden[:, None].expand(-1, per_position).reshape(1, -1), (prefix_len, 0), value=False)
+        mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+        return self._slot_index(here, per_position), mask
 
     def _mask(self, position, n, context, per_position, prefix_len, dtype, device):
         """`attend`'s additive mask `(n, prefix_len + (context + n) * per_position)`: 0 where a query at
@@ -261,11 +278,11 @@ class LocalAttention(nn.Module):
         position (r = 1: the queries' own). Each query sees the prefix and the keys at
         positions up to its own within its segment (block) or window (sliding). Returns the
         attention output `(b, h, n, d)` and the updated cache (a `StaticAttentionCache` is
-        written in place and returned). `masks`: a dict the caller keeps for one call, in which
-        the pieces of the call share their masks (None: none kept)."""
+        written in place and returned). `masks`: a dict the caller keeps for one forward, in which
+        its pieces, and the attention layers it runs, share their masks (None: none kept)."""
         if isinstance(cache, StaticAttentionCache):
             if q.shape[2] == 1:
-                return self._attend_static(q, k, v, position, cache, prefix)
+                return self._attend_static(q, k, v, position, cache, prefix, masks)
             cache = self.growing_cache(cache, position, k.shape[2] // q.shape[2])  # a longer piece: as before
         n = q.shape[2]
         per_position = k.shape[2] // n
@@ -279,10 +296,11 @@ class LocalAttention(nn.Module):
         if prefix is not None:
             keys = torch.cat((prefix[0], keys), dim=2)
             values = torch.cat((prefix[1], values), dim=2)
-        # the mask depends on the piece's place in its segment and the sizes only: built once per call
-        # (`masks`, the caller's, lives as long as the call), as the additive mask SDPA would make of it
+        # the mask depends on the piece's place in its segment and the sizes only: built once per forward
+        # (`masks`, the caller's, lives as long as the forward), as the additive mask SDPA would make of it
         prefix_len = 0 if prefix is None else prefix[0].shape[2]
-        key = (position % self.segment_len, n, context, per_position, prefix_len, q.dtype, q.device)
+        key = (position % self.segment_len, self.segment_len, self.sliding, n, context, per_position, prefix_len,
+               q.dtype, q.device)
         mask = None if masks is None else masks.get(key)
         if mask is None:
             mask = self._mask(position, n, context, per_position, prefix_len, q.dtype, q.device)
@@ -301,15 +319,16 @@ class LocalAttention(nn.Module):
         out = out * rearrange(gate, "b n h -> b h n 1")
         return self.to_out_proj(rearrange(out, "b h n d -> b n (h d)"))
 
-    def forward(self, x, position: int, cache: AttentionCache | None = None):
+    def forward(self, x, position: int, cache: AttentionCache | None = None, masks: dict | None = None):
         """x `(b, n, dim)` at absolute `position` -> `(out (b, n, dim), cache)`; each query sees
-        the persistent tokens and its segment's (or window's) earlier tokens."""
+        the persistent tokens and its segment's (or window's) earlier tokens. `masks`: as in `attend`
+        (None: kept for this call)."""
         batch, length = x.shape[:2]
         cache = cache if cache is not None else self.empty_cache(batch, x.device, x.dtype)
         q, k, v, normed = self.project(x, position)
         pieces = list(segment_pieces(position, length, self.segment_len))
         q, k, v = (split_pieces(pieces, t, dim=2) for t in (q, k, v))
-        prefixes, masks = self.persistent_prefixes(position, pieces, batch), {}
+        prefixes, masks = self.persistent_prefixes(position, pieces, batch), {} if masks is None else masks
         outputs = []
         for index, (start, _) in enumerate(pieces):
             out, cache = self.attend(q[index], k[index], v[index], position + start, cache, prefixes[index], masks)

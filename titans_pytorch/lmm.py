@@ -17,8 +17,8 @@ class MemoryMixer(nn.Module):
         super().__init__()
         self.memory = memory
 
-    def forward(self, x, position: int, cache: MixerCache | None = None):
-        state = cache.memory if cache is not None else None
+    def forward(self, x, position: int, cache: MixerCache | None = None, masks: dict | None = None):
+        state = cache.memory if cache is not None else None  # (masks: there is no attention here)
         out, state = self.memory(x, state=state, return_state=True)
         return out, MixerCache(memory=state)
 

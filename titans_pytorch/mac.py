@@ -69,7 +69,7 @@ class MemoryAsContextMixer(nn.Module):
             memory = self.memory.init_state(batch, device=x.device, dtype=self.memory._inner_dtype(x.dtype))
         return MixerCache(self.attention.empty_cache(batch, x.device, x.dtype), memory)
 
-    def forward(self, x, position: int, cache: MixerCache | None = None):
+    def forward(self, x, position: int, cache: MixerCache | None = None, masks: dict | None = None):
         cache = cache if cache is not None else self._init_cache(x)
         batch, length = x.shape[:2]
         attn_cache, memory_state, prefix, segment_memory = cache.attention, cache.memory, cache.prefix, cache.segment_memory
@@ -86,7 +86,7 @@ class MemoryAsContextMixer(nn.Module):
             read_x, read_queries = split(read_x), split(read_queries, 2)
             if self.longterm_queries is not None:
                 longterm_x, longterm_queries = self.memory.read_queries(self.longterm_queries.to(x.dtype).expand(batch, -1, -1))
-        outputs, masks = [], {}  # masks: shared by the call's pieces (attend)
+        outputs, masks = [], {} if masks is None else masks  # masks: shared by the forward's pieces and layers (attend)
         for index, (start, end) in enumerate(pieces):
             piece_position = position + start
             # a segment starts here, or this is the first piece a fresh cache sees (the prefix is None

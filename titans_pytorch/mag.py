@@ -25,9 +25,9 @@ class MemoryAsGateMixer(nn.Module):
             self.gate = MemoryGate(memory.dim)
             self.to_out = nn.Linear(memory.dim, memory.dim, bias=False)
 
-    def forward(self, x, position: int, cache: MixerCache | None = None):
+    def forward(self, x, position: int, cache: MixerCache | None = None, masks: dict | None = None):
         cache = cache if cache is not None else MixerCache()
-        y, attention_cache = self.attention(x, position, cache.attention)
+        y, attention_cache = self.attention(x, position, cache.attention, masks)
         if self.memory is None:
             return y, MixerCache(attention_cache)
         read, memory_state = self.memory(x, state=cache.memory, return_state=True)

@@ -19,13 +19,13 @@ class MemoryAsLayerMixer(nn.Module):
         super().__init__()
         self.attention, self.memory = attention, memory
 
-    def forward(self, x, position: int, cache: MixerCache | None = None):
+    def forward(self, x, position: int, cache: MixerCache | None = None, masks: dict | None = None):
         cache = cache if cache is not None else MixerCache()
         if self.memory is None:
-            y, attention_cache = self.attention(x, position, cache.attention)
+            y, attention_cache = self.attention(x, position, cache.attention, masks)
             return y, MixerCache(attention_cache)
         read, memory_state = self.memory(x, state=cache.memory, return_state=True)
-        y, attention_cache = self.attention(x + read, position, cache.attention)
+        y, attention_cache = self.attention(x + read, position, cache.attention, masks)
         return read + y, MixerCache(attention_cache, memory_state)
 
 

@@ -3,8 +3,9 @@
 Token embedding, `depth` blocks of (sequence mixer, SwiGLU feed-forward) joined by
 hyper-connections (`num_residual_streams = 1` turns them into plain residuals), a final
 RMSNorm and the logits. A variant only supplies its sequence mixer: a module called as
-`mixer(x, position, cache) -> (out, cache)` on `x (batch, n, dim)` starting at absolute
-`position`, whose cache (None at the start) holds whatever it needs to continue.
+`mixer(x, position, cache, masks) -> (out, cache)` on `x (batch, n, dim)` starting at absolute
+`position`, whose cache (None at the start) holds whatever it needs to continue; `masks` is a dict
+in which the attention layers of one forward share their masks (`LocalAttention.attend`).
 Because the same code runs a whole sequence and a single new token, cached decoding and
 the uncached forward agree by construction (and the tests check it).
 """
@@ -166,10 +167,10 @@ class TitansTransformer(PretrainedMixin, nn.Module):
         position = cache.position if cache is not None else 0
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         x = self.expand_streams(self.token_emb(ids.long()))
-        new_caches = []
+        new_caches, masks = [], {}  # every layer attends at the same positions: one mask for all of them
         for (mix_connection, mixer, ff_connection, feed_forward), layer_cache in zip(self.layers, layer_caches):
             branch_input, add_residual = mix_connection(x)
-            out, layer_cache = mixer(branch_input, position, layer_cache)
+            out, layer_cache = mixer(branch_input, position, layer_cache, masks)
             x = add_residual(out)
             branch_input, add_residual = ff_connection(x)
             x = add_residual(feed_forward(branch_input))
