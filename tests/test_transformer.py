@@ -36,6 +36,24 @@ def build(name, **kwargs):
 
 
 @pytest.mark.parametrize("name", BUILDERS)
+def test_streams_laid_out_by_position_equal_the_librarys_layout(float64, name):
+    # the forward keeps every position in the batch dimension of the hyper-connections' streams; as
+    # the library lays them out, (batch streams, length, dim), the model computes the same logits
+    model = build(name)
+    ids = torch.randint(0, NUM_TOKENS, (2, 3 * SEGMENT + 1))
+    x = model.expand_streams(model.token_emb(ids))
+    assert x.shape == (2 * 2, ids.shape[1], 16)
+    masks = {}
+    for mix_connection, mixer, ff_connection, feed_forward in model.layers:
+        branch_input, add_residual = mix_connection(x)
+        x = add_residual(mixer(branch_input, 0, None, masks)[0])
+        branch_input, add_residual = ff_connection(x)
+        x = add_residual(feed_forward(branch_input))
+    expected = model.to_logits(model.norm(model.reduce_streams(x)))
+    torch.testing.assert_close(model(ids), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
 def test_causal(float64, name):
     model = build(name)
     ids = torch.randint(0, NUM_TOKENS, (2, 13))

@@ -166,16 +166,24 @@ class TitansTransformer(PretrainedMixin, nn.Module):
         -> `(logits, cache)`."""
         position = cache.position if cache is not None else 0
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
-        x = self.expand_streams(self.token_emb(ids.long()))
+        # the residual streams as the hyper-connections library lays them out, `(b s) ... d`, with
+        # every position in the batch dimension: `(batch length streams, 1, dim)`. They are position-wise,
+        # so this is the same computation, but a position's streams lie side by side and the library's
+        # ops run on contiguous tensors (in `(b s) n d` its streams are strided, and its einsums copy
+        # them). The mixers and feed-forwards see `(batch, length, dim)`.
+        batch, length = ids.shape
+        tokens = lambda t: t.reshape(batch * length, 1, self.dim)  # noqa: E731
+        sequence = lambda t: t.view(batch, length, self.dim)  # noqa: E731
+        x = self.expand_streams(tokens(self.token_emb(ids.long())))
         new_caches, masks = [], {}  # every layer attends at the same positions: one mask for all of them
         for (mix_connection, mixer, ff_connection, feed_forward), layer_cache in zip(self.layers, layer_caches):
             branch_input, add_residual = mix_connection(x)
-            out, layer_cache = mixer(branch_input, position, layer_cache, masks)
-            x = add_residual(out)
+            out, layer_cache = mixer(sequence(branch_input), position, layer_cache, masks)
+            x = add_residual(tokens(out))
             branch_input, add_residual = ff_connection(x)
-            x = add_residual(feed_forward(branch_input))
+            x = add_residual(tokens(feed_forward(sequence(branch_input))))
             new_caches.append(layer_cache)
-        logits = self.to_logits(self.norm(self.reduce_streams(x)))
+        logits = self.to_logits(self.norm(sequence(self.reduce_streams(x))))
         return logits, TransformerCache(position + ids.shape[1], new_caches)
 
     def generate(
