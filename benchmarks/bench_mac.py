@@ -5,13 +5,15 @@ capturing them took.
 
     python benchmarks/bench_mac.py --threads 2
     python benchmarks/bench_mac.py --threads 2 --model lmm --skip-train
-    python benchmarks/bench_mac.py --only-segment      # just the per-segment host cost, every model
+    python benchmarks/bench_mac.py --only-segment      # just the op counts (segment, decoding step), every model
     python benchmarks/bench_mac.py --breakdown         # the training step with parts switched off
 
 The per-segment table is the day-to-day measure of the GPU's wait on Python: at the tiny size
 (dim 32, 8 attention heads of 4, memory of 4 heads of 8, the base preset's depth, segment 32,
 chunk 4 and memory layers) arithmetic is negligible, so what a segment costs is the host's work:
-the aten compute ops it dispatches, forward and backward, and the CPU time they take.
+the aten compute ops it dispatches, forward and backward, and the CPU time they take. The decoding
+table beside it counts a one-token step's ops, cached eagerly and as replayed from `GraphDecoder`'s
+graphs: under a CUDA graph each is a kernel, so the count is the GPU's time per token at small sizes.
 """
 
 import argparse
@@ -75,9 +77,11 @@ def print_segment_cost(names, device):
 
 def decoding_ops(name, device, context=256, steps=64):
     """Aten compute ops a one-token step of the tiny model dispatches, averaged over `steps` steps
-    after `context` tokens: cached eagerly, and what `GraphDecoder`'s graphs replay (the kernels a
-    CUDA graph holds; counted here through the CPU stand-in `rerun_eagerly`, after a first pass over
-    the same steps has captured every kind)."""
+    after `context` tokens: cached eagerly (the forward's check of the ids included: 5 ops), and what
+    `GraphDecoder`'s graphs replay (the kernels a CUDA graph holds; counted through the CPU stand-in
+    `rerun_eagerly`, after a first pass over the same steps has captured every kind; the decoder's own
+    copies outside the graphs, the ids and the offset each step and a cache between two graphs when a
+    period wraps, are not counted)."""
     model = tiny_model(name, device).eval()
     prompt = torch.randint(0, 256, (1, context), device=device)
     counter = DispatchCounter()
@@ -150,7 +154,8 @@ def main():
     parser.add_argument("--ff-mult", type=float, default=4.0, help="5.0: 19.7M parameters, near the peer 0.5.5 model's 19.8M (compare_published.py's count)")
     parser.add_argument("--segment-len", type=int, help="the timed model's segment (default: the base preset's 32)")
     parser.add_argument("--chunk-size", type=int, help="its memory's chunk (default: the base preset's 4)")
-    parser.add_argument("--only-segment", action="store_true", help="only the per-segment host cost, every model")
+    parser.add_argument("--only-segment", action="store_true",
+                        help="only the op counts (per segment, per decoding step) and the segment's host cost, every model")
     parser.add_argument("--breakdown", action="store_true", help="only the training step with parts switched off")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

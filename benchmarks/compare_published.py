@@ -6,7 +6,10 @@ settings, CPU-compatible: no flex attention, no accelerated scan). Each runs in 
 since both packages are called `titans_pytorch`. Install 0.5.5 apart from this checkout first:
 
     pip install --no-deps --target /tmp/titans055 titans-pytorch==0.5.5 assoc-scan axial-positional-embedding
-    python benchmarks/compare_published.py --peer-path /tmp/titans055 --threads 2
+    python benchmarks/compare_published.py --peer-path /tmp/titans055 --threads 2 [--rounds 3]
+
+`--checkout PATH` times another checkout of this library instead of 0.5.5 (before and after a change:
+`git worktree add /tmp/before HEAD~1`), with `--rounds` pairs of runs alternating on a noisy machine.
 
 `--keep-freed-memory` runs both with glibc's malloc told to keep freed memory instead of handing it
 back to the kernel (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`): by default every block above
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -86,25 +90,45 @@ def timed(prelude, args, pythonpath=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--peer-path", required=True, help="where titans-pytorch 0.5.5 is installed (a PYTHONPATH)")
+    peers = parser.add_mutually_exclusive_group(required=True)
+    peers.add_argument("--peer-path", help="where titans-pytorch 0.5.5 is installed (a PYTHONPATH)")
+    peers.add_argument("--checkout", help="instead, another checkout of this library (a `git worktree` of an earlier "
+                                          "commit, say): its train_mac.py model, timed the same way")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="run both with glibc malloc keeping freed memory (see above)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="pairs of runs, the peer then this library, each pair close in time: on a noisy machine "
+                             "the ratio within a pair moves less than either timing (default 1)")
     args = parser.parse_args()
 
-    peer = timed(PEER, args, pythonpath=args.peer_path)
-    if str(ROOT) in peer["package"]:
-        raise SystemExit(f"--peer-path: the peer run imported this checkout ({peer['package']})")
-    ours = timed(OURS.format(root=str(ROOT)), args)
+    other = Path(args.checkout).resolve() if args.checkout else None
+    peer_name = f"the checkout at {other}" if other else "titans-pytorch 0.5.5"
+    pairs = []
+    for _ in range(args.rounds):
+        if other:
+            peer = timed(OURS.format(root=str(other)), args, pythonpath=str(other))
+        else:
+            peer = timed(PEER, args, pythonpath=args.peer_path)
+        if str(ROOT) in peer["package"]:
+            raise SystemExit(f"the peer run imported this checkout ({peer['package']})")
+        pairs.append((timed(OURS.format(root=str(ROOT)), args), peer))
     print(f"forward+backward, batch {args.batch} x {args.seq_len}, cpu, float32, {args.threads} thread(s), "
-          f"median of {args.repeats}" + (", glibc malloc keeping freed memory" if args.keep_freed_memory else ""))
-    for name, run in (("this library", ours), ("titans-pytorch 0.5.5", peer)):
-        print(f"  {name}: {run['seconds']:.2f} s ({run['params'] / 1e6:.1f}M parameters), "
-              f"{run['faults'] / 1e3:.0f}K minor page faults a step")
-    print(f"  ratio: {peer['seconds'] / ours['seconds']:.2f}x")
+          f"median of {args.repeats} steps a run" + (", glibc malloc keeping freed memory" if args.keep_freed_memory else ""))
+    for round_, (ours, peer) in enumerate(pairs, 1):
+        if args.rounds > 1:
+            print(f" round {round_}:")
+        for name, run in (("this library", ours), (peer_name, peer)):
+            print(f"  {name}: {run['seconds']:.2f} s ({run['params'] / 1e6:.1f}M parameters), "
+                  f"{run['faults'] / 1e3:.0f}K minor page faults a step")
+        print(f"  ratio: {peer['seconds'] / ours['seconds']:.2f}x")
+    if args.rounds > 1:
+        ratios = sorted(peer["seconds"] / ours["seconds"] for ours, peer in pairs)
+        print(f"median ratio of {args.rounds} rounds: {statistics.median(ratios):.2f}x "
+              f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":

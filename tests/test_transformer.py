@@ -38,15 +38,15 @@ def build(name, **kwargs):
 @pytest.mark.parametrize("name", BUILDERS)
 def test_streams_laid_out_by_position_equal_the_librarys_layout(float64, name):
     # the forward keeps every position in the batch dimension of the hyper-connections' streams; as
-    # the library lays them out, (batch streams, length, dim), the model computes the same logits
+    # the library lays them out, (batch streams, length, dim), the model computes the same logits (and
+    # with each layer's masks its own, as the layers of the model's forward share them)
     model = build(name)
     ids = torch.randint(0, NUM_TOKENS, (2, 3 * SEGMENT + 1))
     x = model.expand_streams(model.token_emb(ids))
     assert x.shape == (2 * 2, ids.shape[1], 16)
-    masks = {}
     for mix_connection, mixer, ff_connection, feed_forward in model.layers:
         branch_input, add_residual = mix_connection(x)
-        x = add_residual(mixer(branch_input, 0, None, masks)[0])
+        x = add_residual(mixer(branch_input, 0, None, None)[0])
         branch_input, add_residual = ff_connection(x)
         x = add_residual(feed_forward(branch_input))
     expected = model.to_logits(model.norm(model.reduce_streams(x)))
@@ -110,6 +110,20 @@ def test_decoding_state_does_not_grow_with_context(name):
             if t + 1 in (8, 64):
                 sizes[t + 1] = cache_numel(cache)
     assert sizes[8] == sizes[64] > 0
+
+
+@pytest.mark.parametrize("memory", ["memory", "attention alone"])
+@pytest.mark.parametrize("name", WITH_ATTENTION)
+def test_a_prompts_cache_holds_its_window_not_the_prompts_projections(name, memory):
+    # the keys and values a prompt leaves in the cache are its last segment's or window's, copied out of
+    # the projections of the whole call (its queries, keys and values), not views that keep those alive
+    model = (build(name) if memory == "memory" else build(name, neural_memory_layers=())).eval()
+    with torch.no_grad():
+        _, cache = model(torch.randint(0, NUM_TOKENS, (1, 6 * SEGMENT + 3)), return_cache=True)
+    for layer in cache.layers:
+        for t in (layer.attention.keys, layer.attention.values):
+            window_bytes = 2 * SEGMENT * t.shape[1] * 2 * t.shape[3] * t.element_size()  # two windows, two keys a position
+            assert 0 < t.untyped_storage().nbytes() <= window_bytes
 
 
 def elements_per_token(model, length):

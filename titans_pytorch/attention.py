@@ -84,7 +84,8 @@ class LocalAttention(nn.Module):
     `attn(x, position, cache) -> (out, cache)` with `x (b, n, dim)` at absolute `position`
     (cache None at the start). A caller that changes the prefix per segment (MAC) uses the
     parts: `q, k, v, normed = attn.project(x, position)`; per piece (see `segment_pieces`)
-    `out, cache = attn.attend(q, k, v, position, cache, prefix)`; `attn.to_out(out, normed)`.
+    `out, cache = attn.attend(q, k, v, position, cache, prefix, masks)`; `attn.to_out(out, normed)`.
+    `masks` (both ways) is a dict in which the layers of one model forward share their masks.
     """
 
     def __init__(self, dim, heads=8, dim_head=64, segment_len=128, num_persist_mem_tokens=0, sliding=False,
@@ -228,7 +229,8 @@ class LocalAttention(nn.Module):
         prefix_len = 0 if prefix is None else prefix[0].shape[2]
         # the slots this step writes and its mask depend on the position and the sizes only: worked
         # out once per forward (`masks`) for all the layers alike
-        key = ("static", position, self.segment_len, self.sliding, per_position, prefix_len, q.dtype, device)
+        key = ("static", position, id(self.position_offset), self.segment_len, self.sliding, per_position, prefix_len,
+               q.dtype, device)
         slots_and_mask = None if masks is None else masks.get(key)
         if slots_and_mask is None:
             slots_and_mask = self._static_slots_and_mask(position, per_position, prefix_len, q.dtype, device)
@@ -279,7 +281,8 @@ class LocalAttention(nn.Module):
         positions up to its own within its segment (block) or window (sliding). Returns the
         attention output `(b, h, n, d)` and the updated cache (a `StaticAttentionCache` is
         written in place and returned). `masks`: a dict the caller keeps for one forward, in which
-        its pieces, and the attention layers it runs, share their masks (None: none kept)."""
+        its pieces, and the attention layers it runs, share their masks (and on a static cache the
+        slots a step writes), keyed by what they depend on (None: none kept)."""
         if isinstance(cache, StaticAttentionCache):
             if q.shape[2] == 1:
                 return self._attend_static(q, k, v, position, cache, prefix, masks)
@@ -299,8 +302,8 @@ class LocalAttention(nn.Module):
         # the mask depends on the piece's place in its segment and the sizes only: built once per forward
         # (`masks`, the caller's, lives as long as the forward), as the additive mask SDPA would make of it
         prefix_len = 0 if prefix is None else prefix[0].shape[2]
-        key = (position % self.segment_len, self.segment_len, self.sliding, n, context, per_position, prefix_len,
-               q.dtype, q.device)
+        key = ("growing", position % self.segment_len, self.segment_len, self.sliding, n, context, per_position,
+               prefix_len, q.dtype, q.device)
         mask = None if masks is None else masks.get(key)
         if mask is None:
             mask = self._mask(position, n, context, per_position, prefix_len, q.dtype, q.device)
@@ -312,7 +315,10 @@ class LocalAttention(nn.Module):
         end = position + n
         keep = min(self.segment_len - 1 if self.sliding else end % self.segment_len, context + n) * per_position
         start = seq_keys.shape[2] - keep
-        return out, AttentionCache(seq_keys[:, :, start:], seq_values[:, :, start:])
+        kept_keys, kept_values = seq_keys[:, :, start:], seq_values[:, :, start:]
+        if keep and not context:  # views of the call's projections (all its queries, keys and values): copied out
+            kept_keys, kept_values = kept_keys.contiguous(), kept_values.contiguous()
+        return out, AttentionCache(kept_keys, kept_values)
 
     def to_out(self, out, x_normed):
         gate = torch.sigmoid(self.to_gate(x_normed))

@@ -175,7 +175,7 @@ class TitansTransformer(PretrainedMixin, nn.Module):
         tokens = lambda t: t.reshape(batch * length, 1, self.dim)  # noqa: E731
         sequence = lambda t: t.view(batch, length, self.dim)  # noqa: E731
         x = self.expand_streams(tokens(self.token_emb(ids.long())))
-        new_caches, masks = [], {}  # every layer attends at the same positions: one mask for all of them
+        new_caches, masks = [], {}  # every layer attends at the same positions: one mask per layout for all of them
         for (mix_connection, mixer, ff_connection, feed_forward), layer_cache in zip(self.layers, layer_caches):
             branch_input, add_residual = mix_connection(x)
             out, layer_cache = mixer(sequence(branch_input), position, layer_cache, masks)
