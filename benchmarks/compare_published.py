@@ -101,21 +101,33 @@ def main():
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="run both with glibc malloc keeping freed memory (see above)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="pairs of runs, the peer then this library, each pair close in time: on a noisy machine "
-                             "the ratio within a pair moves less than either timing (default 1)")
+                        help="pairs of runs, each pair close in time, the peer first in odd rounds and this library "
+                             "in even ones: on a noisy machine the ratio within a pair moves less than either "
+                             "timing (default 1)")
     args = parser.parse_args()
 
     other = Path(args.checkout).resolve() if args.checkout else None
     peer_name = f"the checkout at {other}" if other else "titans-pytorch 0.5.5"
-    pairs = []
-    for _ in range(args.rounds):
+    def run_peer():
         if other:
             peer = timed(OURS.format(root=str(other)), args, pythonpath=str(other))
         else:
             peer = timed(PEER, args, pythonpath=args.peer_path)
         if str(ROOT) in peer["package"]:
             raise SystemExit(f"the peer run imported this checkout ({peer['package']})")
-        pairs.append((timed(OURS.format(root=str(ROOT)), args), peer))
+        return peer
+
+    pairs = []
+    for round_ in range(args.rounds):
+        # which runs first alternates: on our development VMs the second of two runs in a row is often
+        # the slower (the first leaves the second pages to fault back in, say), which would favour one side
+        if round_ % 2 == 0:
+            peer = run_peer()
+            ours = timed(OURS.format(root=str(ROOT)), args)
+        else:
+            ours = timed(OURS.format(root=str(ROOT)), args)
+            peer = run_peer()
+        pairs.append((ours, peer))
     print(f"forward+backward, batch {args.batch} x {args.seq_len}, cpu, float32, {args.threads} thread(s), "
           f"median of {args.repeats} steps a run" + (", glibc malloc keeping freed memory" if args.keep_freed_memory else ""))
     for round_, (ours, peer) in enumerate(pairs, 1):
