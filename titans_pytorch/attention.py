@@ -83,9 +83,10 @@ class LocalAttention(nn.Module):
 
     `attn(x, position, cache) -> (out, cache)` with `x (b, n, dim)` at absolute `position`
     (cache None at the start). A caller that changes the prefix per segment (MAC) uses the
-    parts: `q, k, v, normed = attn.project(x, position)`; per piece (see `segment_pieces`)
+    parts: `q, k, v, normed = attn.project(x, position, masks)`; per piece (see `segment_pieces`)
     `out, cache = attn.attend(q, k, v, position, cache, prefix, masks)`; `attn.to_out(out, normed)`.
-    `masks` (both ways) is a dict in which the layers of one model forward share their masks.
+    `masks` (both ways) is a dict in which the layers of one model forward share their masks and
+    rotary angles.
     """
 
     def __init__(self, dim, heads=8, dim_head=64, segment_len=128, num_persist_mem_tokens=0, sliding=False,
@@ -114,17 +115,29 @@ class LocalAttention(nn.Module):
         freqs = self.rotary(positions.to(torch.float32))
         return apply_rotary_emb(freqs, t)
 
+    def _angles(self, position: int, count: int, device, masks=None):
+        """The rotary angles of positions `position .. position + count - 1` (the offset included),
+        `(count, dim_head)`, shared through `masks` by the layers of one forward (every `LocalAttention`
+        rotates alike, with its `RotaryEmbedding(dim_head)`)."""
+        key = ("angles", position, count, id(self.position_offset), self.dim_head, device)
+        angles = None if masks is None else masks.get(key)
+        if angles is None:
+            angles = self.rotary(self.positions(position, count, device).to(torch.float32))
+            if masks is not None:
+                masks[key] = angles
+        return angles
+
     def _split_heads(self, t):
         return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
 
-    def project(self, x, position: int):
+    def project(self, x, position: int, masks=None):
         """x `(b, n, dim)` at absolute `position` -> rotated q, k and v `(b, h, n, d)`, and the
-        normed input (for the output gate)."""
+        normed input (for the output gate). `masks`: as in `attend` (the rotary angles are shared too)."""
         normed = self.norm(x)
         qk, v = self.to_qkv(normed).split([2 * self.heads * self.dim_head, self.heads * self.dim_head], dim=-1)
         # the queries' and keys' heads side by side: one rotation for both
         qk = rearrange(qk, "b n (h d) -> b h n d", h=2 * self.heads)
-        q, k = self._rotate(qk, self.positions(position, x.shape[1], x.device)).chunk(2, dim=1)
+        q, k = apply_rotary_emb(self._angles(position, x.shape[1], x.device, masks), qk).chunk(2, dim=1)
         return q, k, self._split_heads(v), normed
 
     def keys_values(self, tokens, positions):
@@ -331,10 +344,11 @@ class LocalAttention(nn.Module):
         (None: kept for this call)."""
         batch, length = x.shape[:2]
         cache = cache if cache is not None else self.empty_cache(batch, x.device, x.dtype)
-        q, k, v, normed = self.project(x, position)
+        masks = {} if masks is None else masks
+        q, k, v, normed = self.project(x, position, masks)
         pieces = list(segment_pieces(position, length, self.segment_len))
         q, k, v = (split_pieces(pieces, t, dim=2) for t in (q, k, v))
-        prefixes, masks = self.persistent_prefixes(position, pieces, batch), {} if masks is None else masks
+        prefixes = self.persistent_prefixes(position, pieces, batch)
         outputs = []
         for index, (start, _) in enumerate(pieces):
             out, cache = self.attend(q[index], k[index], v[index], position + start, cache, prefixes[index], masks)

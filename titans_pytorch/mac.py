@@ -73,7 +73,8 @@ class MemoryAsContextMixer(nn.Module):
         cache = cache if cache is not None else self._init_cache(x)
         batch, length = x.shape[:2]
         attn_cache, memory_state, prefix, segment_memory = cache.attention, cache.memory, cache.prefix, cache.segment_memory
-        q, k, v, normed = self.attention.project(x, position)
+        masks = {} if masks is None else masks  # shared by the forward's pieces and layers (attend, project)
+        q, k, v, normed = self.attention.project(x, position, masks)
         # every per-token tensor cut into the pieces once (one split each, not a slice per piece)
         pieces = list(segment_pieces(position, length, self.segment_len))
         split = lambda t, dim=1: split_pieces(pieces, t, dim)  # noqa: E731
@@ -86,7 +87,7 @@ class MemoryAsContextMixer(nn.Module):
             read_x, read_queries = split(read_x), split(read_queries, 2)
             if self.longterm_queries is not None:
                 longterm_x, longterm_queries = self.memory.read_queries(self.longterm_queries.to(x.dtype).expand(batch, -1, -1))
-        outputs, masks = [], {} if masks is None else masks  # masks: shared by the forward's pieces and layers (attend)
+        outputs = []
         for index, (start, end) in enumerate(pieces):
             piece_position = position + start
             # a segment starts here, or this is the first piece a fresh cache sees (the prefix is None
