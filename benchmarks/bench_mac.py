@@ -17,7 +17,6 @@ graphs: under a CUDA graph each is a kernel, so the count is the GPU's time per 
 """
 
 import argparse
-import contextlib
 import dataclasses
 import sys
 import time
@@ -84,26 +83,29 @@ def decoding_ops(name, device, context=256, steps=64):
     period wraps, are not counted)."""
     model = tiny_model(name, device).eval()
     prompt = torch.randint(0, 256, (1, context), device=device)
-    counter = DispatchCounter()
+    replayed = DispatchCounter()
 
     def counted_capture(fn, pool=None, device=None):
         def counted():
-            with counter:
+            with replayed:
                 return fn()
         return rerun_eagerly(counted, pool, device)
 
-    counts = []
+    def run(step):
+        c = cache
+        for _ in range(steps):
+            _, c = step(token, c)
+
     with torch.no_grad():
         _, cache = model(prompt, return_cache=True)
         token = prompt[:, -1:]
-        for step, passes in ((lambda t, c: model(t, cache=c, return_cache=True), 1), (GraphDecoder(model, counted_capture), 2)):
-            for _ in range(passes):  # the graphs' first pass captures them
-                counter.compute, eager_counter, c = 0, DispatchCounter(), cache
-                with eager_counter if passes == 1 else contextlib.nullcontext():
-                    for _ in range(steps):
-                        _, c = step(token, c)
-            counts.append((eager_counter.compute if passes == 1 else counter.compute) / steps)
-    return counts
+        with DispatchCounter() as eager:
+            run(lambda t, c: model(t, cache=c, return_cache=True))
+        decoder = GraphDecoder(model, counted_capture)
+        run(decoder)  # the first pass captures every kind of step
+        replayed.compute = 0
+        run(decoder)
+    return eager.compute / steps, replayed.compute / steps
 
 
 def print_decoding_ops(names, device):

@@ -75,6 +75,17 @@ class SwiGLU(nn.Module):
         return self.proj_out(F.silu(gate) * value)
 
 
+def _shared(masks: dict | None, key, make):
+    """`make()`, kept in `masks` under `key` for the rest of the forward, where the layers that ask for
+    the same key share it (None: nothing kept)."""
+    if masks is None:
+        return make()
+    value = masks.get(key)
+    if value is None:
+        value = masks[key] = make()
+    return value
+
+
 class LocalAttention(nn.Module):
     """Causal attention inside a segment (`sliding=False`) or over the last `segment_len`
     tokens (`sliding=True`), each query also seeing `num_persist_mem_tokens` learned tokens
@@ -120,12 +131,7 @@ class LocalAttention(nn.Module):
         `(count, dim_head)`, shared through `masks` by the layers of one forward (every `LocalAttention`
         rotates alike, with its `RotaryEmbedding(dim_head)`)."""
         key = ("angles", position, count, id(self.position_offset), self.dim_head, device)
-        angles = None if masks is None else masks.get(key)
-        if angles is None:
-            angles = self.rotary(self.positions(position, count, device).to(torch.float32))
-            if masks is not None:
-                masks[key] = angles
-        return angles
+        return _shared(masks, key, lambda: self.rotary(self.positions(position, count, device).to(torch.float32)))
 
     def _split_heads(self, t):
         return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
@@ -244,12 +250,8 @@ class LocalAttention(nn.Module):
         # out once per forward (`masks`) for all the layers alike
         key = ("static", position, id(self.position_offset), self.segment_len, self.sliding, per_position, prefix_len,
                q.dtype, device)
-        slots_and_mask = None if masks is None else masks.get(key)
-        if slots_and_mask is None:
-            slots_and_mask = self._static_slots_and_mask(position, per_position, prefix_len, q.dtype, device)
-            if masks is not None:
-                masks[key] = slots_and_mask
-        index, mask = slots_and_mask
+        index, mask = _shared(masks, key, lambda: self._static_slots_and_mask(position, per_position, prefix_len,
+                                                                              q.dtype, device))
         cache.keys.index_copy_(2, index, k.to(cache.keys.dtype))
         cache.values.index_copy_(2, index, v.to(cache.values.dtype))
         keys, values = cache.keys, cache.values
@@ -317,11 +319,7 @@ class LocalAttention(nn.Module):
         prefix_len = 0 if prefix is None else prefix[0].shape[2]
         key = ("growing", position % self.segment_len, self.segment_len, self.sliding, n, context, per_position,
                prefix_len, q.dtype, q.device)
-        mask = None if masks is None else masks.get(key)
-        if mask is None:
-            mask = self._mask(position, n, context, per_position, prefix_len, q.dtype, q.device)
-            if masks is not None:
-                masks[key] = mask
+        mask = _shared(masks, key, lambda: self._mask(position, n, context, per_position, prefix_len, q.dtype, q.device))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
         # keep what the next token may see: the current segment's positions, or the last window - 1
