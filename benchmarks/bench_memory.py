@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from titans_pytorch import LinearMemory, MemoryMLP, NeuralMemory
+from titans_pytorch.memory import fused
 
 
 def memory_flops(batch, seq_len, dim, heads, dim_head, expansion=4, sets=2):
@@ -71,17 +72,41 @@ def median_time(fn, device, repeats):
     return statistics.median(times)
 
 
+def _triton_launch_hooks():
+    """Triton's launch hook chain (where Triton 3.4+ is installed), else None."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    return getattr(knobs.runtime, "launch_enter_hook", None)
+
+
 class DispatchCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it: `compute` (kernels) and `views` (no data moved)."""
+    """Counts what runs inside it: `compute`, the aten ops that do work (kernels on a GPU; not the
+    allocations) plus the Triton kernels launched (the memory's on CUDA), and `views` (no data moved)."""
 
     def __init__(self):
         super().__init__()
         self.compute = self.views = 0
+        self._hooks = _triton_launch_hooks()
+
+    def _launched(self, *args, **kwargs):
+        self.compute += 1
+
+    def __enter__(self):
+        if self._hooks is not None:
+            self._hooks.add(self._launched)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self._hooks is not None:
+            self._hooks.remove(self._launched)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.is_view:
             self.views += 1
-        else:
+        elif not func.__name__.startswith("empty"):
             self.compute += 1
         return func(*args, **(kwargs or {}))
 
@@ -321,7 +346,13 @@ def main():
             seed_times = (fwd, fwd_bwd)
         if cuda and args.cuda_graphs:
             graphed, capture = graphed_timing(mem, batch, seq_len, mem.dim)
-            graphed_rows.append((name, f"{batch}x{seq_len}", f"{fwd_bwd * 1e3:,.1f}", f"{graphed * 1e3:,.1f}", f"{capture:.1f}"))
+            fused.NORM_KERNELS = "aten"  # the same with the residual norm's aten ops instead of its Triton kernels
+            try:
+                graphed_aten, _ = graphed_timing(mem, batch, seq_len, mem.dim)
+            finally:
+                fused.NORM_KERNELS = "auto"
+            graphed_rows.append((name, f"{batch}x{seq_len}", f"{fwd_bwd * 1e3:,.1f}", f"{graphed * 1e3:,.1f}",
+                                 f"{capture:.1f}", f"{graphed_aten * 1e3:,.1f}"))
         del mem, attention
     print_table(
         ("config", "batch x len", "fwd ms", "fwd+bwd ms", "tok/s (f+b)", "peak MiB" if cuda else "peak RSS MiB",
@@ -335,8 +366,10 @@ def main():
     print("GFLOP: analytic estimate (memory_flops); f+b / matmul: achieved fraction of the fp32 matmul rate;"
           " attention: one causal SDPA layer with its projections, same width, 8 heads\n")
     if graphed_rows:
-        print("captured with torch.cuda.make_graphed_callables (forward and backward as CUDA graphs)")
-        print_table(("config", "batch x len", "eager f+b ms", "graphed f+b ms", "capture s"), graphed_rows)
+        print("captured with torch.cuda.make_graphed_callables (forward and backward as CUDA graphs); last column:"
+              " the same with the residual norm in aten ops (memory/fused.py NORM_KERNELS = 'aten') instead of Triton")
+        print_table(("config", "batch x len", "eager f+b ms", "graphed f+b ms", "capture s", "graphed, aten norm ms"),
+                    graphed_rows)
 
     # 4. sequence-length sweep: seed memory vs one causal attention layer, batch 1
     if not args.skip_sweep:

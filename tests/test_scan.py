@@ -71,6 +71,11 @@ print("ok")
 def test_scalar_scan_layout_under_the_triton_interpreter():
     # accelerated_scan.scalar's Triton kernels on CPU tensors (TRITON_INTERPRET=1, set before Triton loads)
     pytest.importorskip("triton")
+    numpy = pytest.importorskip("numpy")
+    if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 4):
+        # its loops run to a bound known only at run time, which the Triton 3.6 interpreter reads
+        # with int() of a one-element array: an error from numpy 2.4 on (checked with 2.3.5: passes)
+        pytest.skip("the Triton interpreter's run-time loop bounds need numpy < 2.4")
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

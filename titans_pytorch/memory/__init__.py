@@ -5,6 +5,9 @@
   refresh spans);
 - `closed_form.py` and `functional.py`: two ways to get a chunk's per-token gradient sums, in
   closed form for the built-in networks, through `torch.func` for any other;
+- `fused.py` and `dual.py`: the built-in networks' chunk loops, their backward written out (the
+  state after every chunk, or in dual form once per block); `residual_norm_triton.py`: the
+  residual norm's step in the fused loop as one Triton kernel each way, on CUDA;
 - `scan.py`: first-order scans for refresh spans.
 """
 

@@ -27,6 +27,11 @@ and transition `T (B, k, k)`:
 Returns the weights `W` before every chunk, `(N, B, P)` (the reads are taken there, outside, in one
 batched pass), and the final state. `naive.py` is the reference, and the tests check these
 gradients against autograd through `closed_form.py`.
+
+With the norm, 18 of a chunk's 48 ops are the norm's elementwise and row-wise steps (from `LN(z)`
+to the delta, and their gradients). On a GPU every op is a kernel of a few microseconds whatever
+its size, so there they run as one Triton kernel each way (`residual_norm_triton.py`, chosen in
+`_residual_norm`): 32 kernels a chunk.
 """
 
 from __future__ import annotations
@@ -147,6 +152,90 @@ def _rows(views, transpose=False):
     return out
 
 
+class AtenResidualNorm:
+    """The residual norm of `ResidualNormMemory` for one chunk, in aten ops (the reference for
+    `residual_norm_triton.py`). Forward: z, offset `(B, c, d)`, scale `(B, 1, d)` -> normed, mean and
+    rstd `(B, c, 1)`, delta = LN'(e s) and the sums' e * n, with e = offset + n s / sqrt(d) written
+    into `residual` and e s into `scaled`. Backward: made once per call from every chunk's saved
+    values `(N, B, c, .)` and scales `(N, B, d)`, then `backward(j, top, grad_products)` per chunk
+    (the gradients of its delta and e * n) -> the residual's, z's and the scale's (summed over the chunk, `(B, d)`)."""
+
+    @staticmethod
+    def forward(z, offset, scale, residual, scaled):
+        dim = z.shape[-1]
+        normed, mean, rstd = torch.native_layer_norm(z, (dim,), None, None, LAYER_NORM_EPS)
+        torch.addcmul(offset, normed, scale, value=dim**-0.5, out=residual)  # M(k) - v
+        torch.mul(residual, scale, out=scaled)
+        return normed, mean, rstd, layer_norm_backward(scaled, z, mean, rstd), residual * normed
+
+    def __init__(self, z_last, normed, mean, rstd, residual, scaled, delta, scales):
+        dim, chunk = z_last.shape[-1], z_last.shape[-2]
+        # per token: <e s, n> and rstd fold into two factors; <grad, n> and <grad, rstd delta>
+        # come out of one batched matmul with [n, rstd delta] stacked
+        factor = rstd * (-1 / dim)
+        self.normed_scaled = (scaled * normed).sum(-1, keepdim=True).mul_(factor).unbind(0)  # -(rstd / d) <e s, n>
+        self.scaled_rstd = (scaled * factor).unbind(0)  # -(rstd / d) e s
+        self.dot_with = torch.stack((normed, rstd * delta), dim=-1).flatten(1, 2).unbind(0)  # (B c, d, 2)
+        self.chunks = list(zip(*(t.unbind(0) for t in (z_last, normed, mean, rstd, residual))))
+        # the scale per chunk, spread over the chunk's tokens (no broadcasting in the loop)
+        token_scales = scales.unsqueeze(2).expand(-1, -1, chunk, -1)
+        self.scales, self.branch_scales = token_scales.contiguous().unbind(0), (token_scales * dim**-0.5).unbind(0)
+
+    def backward(self, j, top, grad_products):
+        z, n, mu, rs, e = self.chunks[j]  # z_{L-1}, LN(z), its mean and rstd, e
+        batch, chunk, dim = z.shape
+        grad_scaled = layer_norm_backward(top, z, mu, rs)  # d/d(e * s)
+        grad_residual = torch.addcmul(grad_scaled * self.scales[j], grad_products, n)
+        grad_scale = torch.addcmul(grad_scaled * e, grad_residual, n, value=dim**-0.5).sum(1)
+        dots = torch.bmm(top.view(-1, 1, dim), self.dot_with[j]).view(batch, chunk, 2)  # <top, n>, <top, rstd delta>
+        # the normed output's gradient: the sums, the residual, and LN' depending on z
+        grad_normed = torch.addcmul(top * self.normed_scaled[j], self.scaled_rstd[j], dots[..., :1])
+        grad_normed = torch.addcmul(torch.addcmul(grad_normed, grad_products, e), grad_residual, self.branch_scales[j])
+        grad_z = torch.addcmul(layer_norm_backward(grad_normed, z, mu, rs), n, dots[..., 1:], value=-1 / dim)
+        return grad_residual, grad_z, grad_scale
+
+
+class TritonResidualNorm:
+    """`AtenResidualNorm` as one Triton kernel each way (`residual_norm_triton.py`), same interface."""
+
+    @staticmethod
+    def forward(z, offset, scale, residual, scaled):
+        from .residual_norm_triton import residual_norm_forward
+        return residual_norm_forward(z, offset, scale, LAYER_NORM_EPS, residual, scaled)
+
+    def __init__(self, z_last, normed, mean, rstd, residual, scaled, delta, scales):
+        from .residual_norm_triton import residual_norm_backward
+        self.kernel = residual_norm_backward
+        self.chunks = list(zip(*(t.unbind(0) for t in (normed, rstd, residual, delta, scales.unsqueeze(2)))))
+
+    def backward(self, j, top, grad_products):
+        normed, rstd, residual, delta, scale = self.chunks[j]
+        return self.kernel(top, grad_products, normed, rstd, residual, delta, scale)
+
+
+# Where the residual norm's kernels are chosen: "auto" runs the Triton kernels on CUDA (each aten op
+# there is a GPU kernel of its own, a few microseconds whatever its size: 18 of a chunk's 48) and the
+# aten ops elsewhere and under torch.compile; "aten" everywhere (bench_memory.py times both on CUDA);
+# "triton" everywhere (the tests, on CPU tensors under the Triton interpreter).
+NORM_KERNELS = "auto"
+
+
+def _triton_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _residual_norm(keys):
+    """The residual norm's implementation for a loop over `keys`: `TritonResidualNorm` or `AtenResidualNorm`."""
+    if NORM_KERNELS == "triton":
+        return TritonResidualNorm
+    on_gpu = NORM_KERNELS == "auto" and keys.device.type == "cuda" and not torch.compiler.is_compiling()
+    return TritonResidualNorm if on_gpu and _triton_available() else AtenResidualNorm
+
+
 class FusedChunkLoop(torch.autograd.Function):
     """`start_weights, final = FusedChunkLoop.apply(network, state, keys, offsets, token_weights, transitions)`.
 
@@ -161,6 +250,7 @@ class FusedChunkLoop(torch.autograd.Function):
         names, scale_name, layout = network.matrix_names, network.scale_name, network.layout
         batch, num_chunks, chunk_size, dim = keys.shape
         depth, rows = len(names), token_weights.shape[-1]
+        residual_norm = _residual_norm(keys)
         with _small_gelu_kernels(network, keys):
             # every chunk's state in one buffer, written in place: no state-sized temporaries per
             # chunk and no stacking afterwards (the states are kept for the backward anyway)
@@ -215,12 +305,10 @@ class FusedChunkLoop(torch.autograd.Function):
                     h = torch.bmm(h, matrices[m][j], out=pre_chunks[m][j] if m < depth - 1 else z_last_chunks[j])
                 if scale_name is None:
                     residual = delta = h.add_(chunk_offsets[j])  # M(k) - v, in place of z_{L-1}
-                else:
-                    normed, mean, rstd = torch.native_layer_norm(h, (dim,), None, None, LAYER_NORM_EPS)
-                    residual = torch.addcmul(chunk_offsets[j], normed, scales[j], value=dim**-0.5,
-                                             out=residual_chunks[j])  # M(k) - v
-                    scaled = torch.mul(residual, scales[j], out=scaled_chunks[j])
-                    delta = layer_norm_backward(scaled, h, mean, rstd)
+                else:  # residual M(k) - v and scaled into their buffers
+                    normed, mean, rstd, delta, scale_rows = residual_norm.forward(
+                        h, chunk_offsets[j], scales[j], residual_chunks[j], scaled_chunks[j])
+                    residual = residual_chunks[j]
                     for saved, t in zip(norm, (normed, mean, rstd)):
                         saved.append(t)
                     last_deltas.append(delta)
@@ -235,7 +323,7 @@ class FusedChunkLoop(torch.autograd.Function):
                     layer_delta = delta_chunks[m][j] if m < depth - 1 else (residual if scale_name is None else last_deltas[j])
                     parts[m] = torch.bmm(weighted.flatten(2).transpose(1, 2), layer_delta).view(batch, rows, -1)
                 if scale_name is not None:
-                    parts[depth] = torch.bmm(weights_by_row[j], residual * normed)
+                    parts[depth] = torch.bmm(weights_by_row[j], scale_rows)
                 # state_{j+1} = T_j state_j + sums, in place in the buffer (contiguous writes: at small
                 # sizes, matmuls into strided views cost several times more than this one copy)
                 torch.cat([parts[i] for i in order], dim=-1, out=next_states[j])
@@ -263,6 +351,7 @@ class FusedChunkLoop(torch.autograd.Function):
         names, scale_name, layout = network.matrix_names, network.scale_name, network.layout
         batch, num_chunks, chunk_size, dim = keys.shape
         depth, rows, last = len(names), token_weights.shape[-1], len(names) - 1
+        residual_norm = _residual_norm(keys)
         with _small_gelu_kernels(network, keys):
             # lams[j]: the adjoint of states[j], all in one buffer; the last is the final state's
             # gradient, each earlier one written whole by its chunk below (no fill first); nothing
@@ -293,16 +382,8 @@ class FusedChunkLoop(torch.autograd.Function):
                 back_curvatures.append(back_curvature.unbind(0))
             if scale_name is not None:
                 z_last, normed, mean, rstd, residual, scaled = (stacked(t) for t in norm)
-                # per token: <e s, n> and rstd fold into two factors; <grad, n> and <grad, rstd delta>
-                # come out of one batched matmul with [n, rstd delta] stacked
-                factor = rstd * (-1 / dim)
-                normed_scaled = (scaled * normed).sum(-1, keepdim=True).mul_(factor).unbind(0)  # -(rstd / d) <e s, n>
-                scaled_rstd = (scaled * factor).unbind(0)  # -(rstd / d) e s
-                dot_with = torch.stack((normed, rstd * all_deltas[last]), dim=-1).flatten(1, 2).unbind(0)  # (B c, d, 2)
-                norm_chunks = [t.unbind(0) for t in (z_last, normed, mean, rstd, residual, scaled)]
-                # the norm's scale per chunk, spread over the chunk's tokens (no broadcasting in the loop)
-                token_scales = weights[scale_name].unsqueeze(2).expand(-1, -1, chunk_size, -1)
-                scales, branch_scales = token_scales.contiguous().unbind(0), (token_scales * dim**-0.5).unbind(0)
+                norm_backward = residual_norm(z_last, normed, mean, rstd, residual, scaled, all_deltas[last],
+                                              weights[scale_name])
                 lam_scales = lam_views[scale_name].unbind(0)  # (B, k, d)
                 chunk_tws = chunk_weights.unbind(0)
 
@@ -337,16 +418,8 @@ class FusedChunkLoop(torch.autograd.Function):
                 if scale_name is None:
                     grad_residual = grad_z = top
                 else:
-                    z, n, mu, rs, e, _ = (t[j] for t in norm_chunks)  # z_{L-1}, LN(z), its mean and rstd, e
                     grad_products = torch.bmm(chunk_tws[j], lam_scales[j])  # d/d(e * n)
-                    grad_scaled = layer_norm_backward(top, z, mu, rs)  # d/d(e * s)
-                    grad_residual = torch.addcmul(grad_scaled * scales[j], grad_products, n)
-                    grads[depth] = torch.addcmul(grad_scaled * e, grad_residual, n, value=dim**-0.5).sum(1)
-                    dots = torch.bmm(top.view(-1, 1, dim), dot_with[j]).view(batch, chunk_size, 2)  # <top, n>, <top, rstd delta>
-                    # the normed output's gradient: the sums, the residual, and LN' depending on z
-                    grad_normed = torch.addcmul(top * normed_scaled[j], scaled_rstd[j], dots[..., :1])
-                    grad_normed = torch.addcmul(torch.addcmul(grad_normed, grad_products, e), grad_residual, branch_scales[j])
-                    grad_z = torch.addcmul(layer_norm_backward(grad_normed, z, mu, rs), n, dots[..., 1:], value=-1 / dim)
+                    grad_residual, grad_z, grads[depth] = norm_backward.backward(j, top, grad_products)
                 grad_residuals[j] = grad_residual
                 # down the network: z_m = a_m W_m, a_{m+1} = gelu(z_m)
                 for m in range(last, -1, -1):

@@ -1,0 +1,156 @@
+"""The residual norm's Triton kernels (`memory/residual_norm_triton.py`) against the aten ops they
+replace (`fused.AtenResidualNorm`), and the fused loop through them against the loop through aten.
+On a CPU they run under the Triton interpreter (`TRITON_INTERPRET=1`, set before Triton is first
+imported, hence a subprocess); the CUDA tests run them compiled."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+COMMON = """
+import torch
+import titans_pytorch.memory.fused as fused
+import titans_pytorch.memory.residual_norm_triton as kernels
+from titans_pytorch import NeuralMemory
+
+
+def chunk_inputs(batch, chunk, dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, chunk, dim, dtype=dtype, generator=g)
+    offset = torch.randn(batch, 3, chunk, dim, dtype=dtype, generator=g).transpose(0, 1)[1]  # rows strided
+    scale = torch.randn(batch, 2, dim + 7, dtype=dtype, generator=g)[:, 0, 3 : 3 + dim].unsqueeze(1)  # (B, 1, d), strided
+    top, grad_products = (torch.randn(batch, chunk, dim, dtype=dtype, generator=g) for _ in range(2))
+    return z, offset, scale, top, grad_products
+
+
+def both_ways(impl, z, offset, scale, top, grad_products):
+    residual, scaled = torch.empty_like(z), torch.empty_like(z)
+    normed, mean, rstd, delta, scale_rows = impl.forward(z, offset, scale, residual, scaled)
+    one = lambda t: t.unsqueeze(0)  # a call of one chunk
+    backward = impl(one(z), one(normed), one(mean), one(rstd), one(residual), one(scaled), one(delta), one(scale[:, 0]))
+    return (normed, mean, rstd, delta, scale_rows, residual, scaled, *backward.backward(0, top, grad_products))
+"""
+
+KERNELS = COMMON + """
+# float64: any shape, one tile or several (tokens in tiles of 8 / 2 / 1 elements' worth), chunk 1,
+# widths that are not powers of two; float32 where the norm is well conditioned (d >= 4)
+cases = [(torch.float64, shape) for shape in ((3, 4, 8), (2, 5, 6), (1, 1, 3), (2, 7, 2), (2, 9, 16))]
+cases += [(torch.float32, shape) for shape in ((3, 4, 8), (2, 5, 6), (2, 9, 16))]
+for tile in (2048, 8, 2, 1):
+    kernels._TILE_ELEMENTS = tile
+    for seed, (dtype, shape) in enumerate(cases):
+        inputs = chunk_inputs(*shape, dtype, seed)
+        expected = both_ways(fused.AtenResidualNorm, *inputs)
+        got = both_ways(fused.TritonResidualNorm, *inputs)
+        tolerance = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+        for index, (a, b) in enumerate(zip(expected, got)):
+            torch.testing.assert_close(b, a, **tolerance, msg=lambda m: f"tile {tile}, {dtype}, {shape}, output {index}: {m}")
+print("ok")
+"""
+
+LOOP = COMMON + """
+import dataclasses
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class Kernels(TorchDispatchMode):
+    # what would be GPU kernels: aten compute ops (not views, not allocations) and Triton launches
+    # (the interpreter's own aten ops inside a launch are not counted)
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.launching = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not (func.is_view or self.launching or func.__name__.startswith("empty"))
+        return func(*args, **(kwargs or {}))
+
+
+class Counted:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            mode.count += 1
+            mode.launching = True
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                mode.launching = False
+        return launch
+
+
+kernels._forward_kernel, kernels._backward_kernel = Counted(kernels._forward_kernel), Counted(kernels._backward_kernel)
+
+
+def run(mem, x):
+    global mode
+    x = x.clone().requires_grad_()
+    with Kernels() as mode:
+        out, state = mem(x, return_state=True)
+        (out.square().sum() + state.flat.square().sum()).backward()
+    results = [out, state.flat, x.grad, *(p.grad.clone() for p in mem.parameters())]
+    mem.zero_grad()
+    return results, mode.count
+
+
+for momentum in (True, False):
+    torch.manual_seed(0)
+    mem = NeuralMemory(dim=12, heads=2, dim_head=6, chunk_size=3, momentum=momentum).double()
+    mem.network = dataclasses.replace(mem.network, loop="fused")
+    counts = {}
+    for chunks in (2, 6):
+        x = torch.randn(2, 3 * chunks, 12, dtype=torch.float64)
+        fused.NORM_KERNELS = "auto"  # aten on a CPU
+        expected, counts["aten", chunks] = run(mem, x)
+        fused.NORM_KERNELS = "triton"
+        got, counts["triton", chunks] = run(mem, x)
+        for a, b in zip(expected, got):
+            torch.testing.assert_close(b, a, atol=1e-11, rtol=1e-9)
+    # per chunk, one kernel each way in place of 5 aten ops forward and 13 backward
+    per_chunk = lambda kind: (counts[kind, 6] - counts[kind, 2]) / 4
+    assert per_chunk("aten") - per_chunk("triton") == 16, (per_chunk("aten"), per_chunk("triton"))
+print("ok")
+"""
+
+
+def interpreted(script):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_kernels_equal_the_aten_ops_under_the_triton_interpreter():
+    result = interpreted(KERNELS)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_fused_loop_through_the_kernels_equals_it_through_aten_under_the_triton_interpreter():
+    result = interpreted(LOOP)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_the_aten_ops_run_on_a_cpu():
+    from titans_pytorch.memory import fused
+
+    assert fused._residual_norm(torch.zeros(1)) is fused.AtenResidualNorm
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(16, 4, 64), (32, 64, 64), (4, 16, 384)])  # base MAC, seed example, one wide head
+def test_kernels_on_cuda_equal_the_aten_ops(dtype, shape):
+    namespace = {}
+    exec(COMMON, namespace)
+    fused = namespace["fused"]
+    assert fused._residual_norm(torch.zeros(1, device="cuda")) is fused.TritonResidualNorm
+    inputs = [t.cuda() for t in namespace["chunk_inputs"](*shape, dtype, 0)]
+    expected = namespace["both_ways"](fused.AtenResidualNorm, *inputs)
+    got = namespace["both_ways"](fused.TritonResidualNorm, *inputs)
+    tolerance = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, **tolerance)
