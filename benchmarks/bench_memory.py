@@ -280,7 +280,7 @@ def main():
     # 2. this machine's fp32 matmul rate
     n = 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    matmul_rate = 2 * n**3 / median_time(lambda: a @ b, device, args.repeats)
+    matmul_rate = 2 * n**3 / median_time(lambda a=a, b=b: a @ b, device, args.repeats)
     print(f"fp32 matmul {n}x{n} @ {n}x{n}: {matmul_rate / 1e9:.1f} GFLOP/s\n")
     del a, b
 
