@@ -48,6 +48,13 @@ for tile in (2048, 8, 2, 1):
         tolerance = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
         for index, (a, b) in enumerate(zip(expected, got)):
             torch.testing.assert_close(b, a, **tolerance, msg=lambda m: f"tile {tile}, {dtype}, {shape}, output {index}: {m}")
+# an offset whose features are not contiguous (copied for the kernel)
+z, offset, scale, top, grad_products = chunk_inputs(2, 5, 6, torch.float64, 99)
+offset = offset.transpose(1, 2).contiguous().transpose(1, 2)
+assert offset.stride(-1) != 1
+expected = both_ways(fused.AtenResidualNorm, z, offset, scale, top, grad_products)
+for a, b in zip(expected, both_ways(fused.TritonResidualNorm, z, offset, scale, top, grad_products)):
+    torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
 print("ok")
 """
 

@@ -41,7 +41,7 @@ def _in_dtype_of(like, value):
 def _forward_kernel(z_ptr, z_row, offset_ptr, offset_row, scale_ptr, scale_row,
                     normed_ptr, mean_ptr, rstd_ptr, residual_ptr, scaled_ptr, delta_ptr, scale_rows_ptr,
                     eps, CHUNK: tl.constexpr, DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row offsets can pass 2^31 elements
     features = tl.arange(0, BLOCK_D)[None, :]
     scale = tl.load(scale_ptr + row * scale_row + features, mask=features < DIM, other=0.0)
     for first in range(0, CHUNK, BLOCK_C):  # the CHUNK's tokens, a tile at a time (each token on its own)
@@ -72,7 +72,7 @@ def _forward_kernel(z_ptr, z_row, offset_ptr, offset_row, scale_ptr, scale_row,
 def _backward_kernel(top_ptr, products_ptr, normed_ptr, rstd_ptr, residual_ptr, delta_ptr, scale_ptr, scale_row,
                      grad_residual_ptr, grad_z_ptr, grad_scale_ptr,
                      CHUNK: tl.constexpr, DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row offsets can pass 2^31 elements
     features = tl.arange(0, BLOCK_D)[None, :]
     scale = tl.load(scale_ptr + row * scale_row + features, mask=features < DIM, other=0.0)
     grad_scale = tl.zeros([BLOCK_D], scale.dtype)  # summed over the CHUNK's tokens
@@ -106,11 +106,12 @@ def _backward_kernel(top_ptr, products_ptr, normed_ptr, rstd_ptr, residual_ptr, 
     tl.store(grad_scale_ptr + row * DIM + tl.arange(0, BLOCK_D), grad_scale, mask=tl.arange(0, BLOCK_D) < DIM)
 
 
-def _rows_stride(t, name):
-    """The stride between rows of `t (B, c|1, d)`, whose tokens and features must be contiguous."""
+def _with_rows(t):
+    """`t (B, c|1, d)` and the stride between its rows, each row's tokens and features contiguous
+    (a copy of `t` where they are not: the loop's own inputs are)."""
     if t.stride(-1) != 1 or (t.shape[1] > 1 and t.stride(1) != t.shape[2]):
-        raise ValueError(f"{name}: each row's tokens and features must be contiguous, got strides {t.stride()}")
-    return t.stride(0)
+        t = t.contiguous()
+    return t, t.stride(0)
 
 
 # a program holds a tile of at most this many elements per tensor in registers (several tensors live at once)
@@ -135,7 +136,7 @@ def residual_norm_forward(z, offset, scale, eps, residual, scaled):
     normed, delta, scale_rows = (torch.empty(batch, chunk, dim, dtype=z.dtype, device=z.device) for _ in range(3))
     mean, rstd = (torch.empty(batch, chunk, 1, dtype=z.dtype, device=z.device) for _ in range(2))
     _forward_kernel[(batch,)](
-        z, _rows_stride(z, "z"), offset, _rows_stride(offset, "offset"), scale, _rows_stride(scale, "scale"),
+        *_with_rows(z), *_with_rows(offset), *_with_rows(scale),
         normed, mean, rstd, residual, scaled, delta, scale_rows, eps, chunk, dim, **_blocks(chunk, dim))
     return normed, mean, rstd, delta, scale_rows
 
@@ -145,12 +146,10 @@ def residual_norm_backward(top, grad_products, normed, rstd, residual, delta, sc
     `e * n` (`grad_products`), each `(B, c, d)`: returns the residual's `(B, c, d)` (it is the
     offset's), z's `(B, c, d)` and the scale's summed over the chunk `(B, d)`."""
     batch, chunk, dim = top.shape
-    tensors = (top, grad_products, normed, rstd, residual, delta)
-    if any(not t.is_contiguous() for t in tensors):
-        raise ValueError("residual_norm_backward: top, grad_products, normed, rstd, residual and delta must be contiguous")
-    grad_residual, grad_z = torch.empty_like(top), torch.empty_like(top)
+    tensors = [t.contiguous() for t in (top, grad_products, normed, rstd, residual, delta)]  # as they come: no copy
+    grad_residual, grad_z = torch.empty_like(tensors[0]), torch.empty_like(tensors[0])
     grad_scale = torch.empty(batch, dim, dtype=top.dtype, device=top.device)
     _backward_kernel[(batch,)](
-        *tensors, scale, _rows_stride(scale, "scale"), grad_residual, grad_z, grad_scale,
+        *tensors, *_with_rows(scale), grad_residual, grad_z, grad_scale,
         chunk, dim, **_blocks(chunk, dim))
     return grad_residual, grad_z, grad_scale
