@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..memory_models import LAYER_NORM_EPS
-from .fused import AtenResidualNorm, gelu_slope_and_back_curvature
+from .fused import gelu_slope_and_back_curvature, layer_norm_backward
 
 
 def transition_products(transitions):
@@ -163,8 +163,12 @@ class DualChunkLoop(torch.autograd.Function):
                 if seen:
                     scales[:, j : j + 1] += torch.bmm(mask, scale_rows[:, :seen])
                 scale = scales[:, j : j + 1]
-                _, mean, rstd, delta, rows = AtenResidualNorm.forward(z, offset, scale, residuals[:, now], scaled[:, now])
-                means[:, now], rstds[:, now], scale_rows[:, now] = mean, rstd, rows
+                normed, mean, rstd = torch.native_layer_norm(z, (dim,), None, None, LAYER_NORM_EPS)
+                residual = torch.addcmul(offset, normed, scale, value=dim**-0.5)
+                residuals[:, now], means[:, now], rstds[:, now] = residual, mean, rstd
+                scaled[:, now] = residual * scale
+                scale_rows[:, now] = residual * normed
+                delta = layer_norm_backward(scaled[:, now], z, mean, rstd)
             deltas[depth - 1][:, now] = delta
             for m in range(depth - 1, 0, -1):  # delta_{m-1} = gelu'(z_{m-1}) * (delta_m W_m^T)
                 back = first.times_t(delta, m, coeff)
@@ -210,13 +214,6 @@ class DualChunkLoop(torch.autograd.Function):
         if scale_name is not None:
             grad_rows = grads[-1].clone() if grads[-1] is not None else zeros(scale_rows)
             grad_scales = zeros(scales)
-            # the norm's backward, its per-token factors for all chunks at once (chunk-major views;
-            # aten's CPU LayerNorm backward reads mean and rstd as if contiguous, whatever their strides)
-            by_chunk = lambda t: t.unflatten(1, (num_chunks, chunk)).transpose(0, 1)  # noqa: E731  (B, N c, .) -> (N, B, c, .)
-            normed = (z_last - means) * rstds
-            norm_backward = AtenResidualNorm(*map(by_chunk, (z_last, normed)), by_chunk(means).contiguous(),
-                                             by_chunk(rstds).contiguous(), *map(by_chunk, (residuals, scaled, deltas[-1])),
-                                             scales.transpose(0, 1))
         # what depends on the forward pass alone, for all tokens at once: GELU's slopes gelu'(z_m) and
         # d delta_m / d z_m = back * gelu''(z_m)
         slopes, back_curvatures = [], []
@@ -246,10 +243,24 @@ class DualChunkLoop(torch.autograd.Function):
                 grad_offsets[:, now] = top
                 grad_z[depth - 1][:, now] = top
             else:
-                grad_residual, grad_z[depth - 1][:, now], grad_scale = norm_backward.backward(j, top, grad_rows[:, now])
+                # (aten's CPU LayerNorm backward reads mean and rstd as if contiguous, whatever their strides)
+                z, e, mean, rstd = z_last[:, now], residuals[:, now], means[:, now].contiguous(), rstds[:, now].contiguous()
+                normed = (z - mean) * rstd
+                scale = scales[:, j : j + 1]
+                grad_products = grad_rows[:, now]  # d/d(e * n)
+                grad_scaled = layer_norm_backward(top, z, mean, rstd)  # d/d(e * s)
+                grad_residual = torch.addcmul(grad_scaled * scale, grad_products, normed)
                 grad_offsets[:, now] = grad_residual
-                grad_scale = grad_scale.unsqueeze(1)
+                grad_scale = torch.addcmul(grad_scaled * e, grad_residual, normed, value=dim**-0.5).sum(1, keepdim=True)
                 grad_scales[:, j : j + 1] = grad_scale
+                # through the LN backward's own dependence on n and rstd, then the forward norm
+                factor = rstd * (-1 / dim)
+                delta = deltas[depth - 1][:, now]
+                grad_normed = top * ((scaled[:, now] * normed).sum(-1, keepdim=True) * factor)
+                grad_normed = torch.addcmul(grad_normed, scaled[:, now] * factor, (top * normed).sum(-1, keepdim=True))
+                grad_normed = torch.addcmul(torch.addcmul(grad_normed, grad_products, e), grad_residual, scale, value=dim**-0.5)
+                grad_z[depth - 1][:, now] = torch.addcmul(layer_norm_backward(grad_normed, z, mean, rstd), normed,
+                                                          (top * delta).sum(-1, keepdim=True) * rstd, value=-1 / dim)
                 if seen:  # scale_j = start_j state_0 + gamma_j (e * n) of the chunks before
                     grad_gamma[:, j, :seen] += torch.bmm(scale_rows[:, :seen], grad_scale.transpose(1, 2))[..., 0]
                     grad_rows[:, :seen] += mask.transpose(1, 2) * grad_scale

@@ -187,7 +187,7 @@ class AtenResidualNorm:
         grad_scaled = layer_norm_backward(top, z, mu, rs)  # d/d(e * s)
         grad_residual = torch.addcmul(grad_scaled * self.scales[j], grad_products, n)
         grad_scale = torch.addcmul(grad_scaled * e, grad_residual, n, value=dim**-0.5).sum(1)
-        dots = torch.bmm(top.reshape(-1, 1, dim), self.dot_with[j]).view(batch, chunk, 2)  # <top, n>, <top, rstd delta>
+        dots = torch.bmm(top.view(-1, 1, dim), self.dot_with[j]).view(batch, chunk, 2)  # <top, n>, <top, rstd delta>
         # the normed output's gradient: the sums, the residual, and LN' depending on z
         grad_normed = torch.addcmul(top * self.normed_scaled[j], self.scaled_rstd[j], dots[..., :1])
         grad_normed = torch.addcmul(torch.addcmul(grad_normed, grad_products, e), grad_residual, self.branch_scales[j])
