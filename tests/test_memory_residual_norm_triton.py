@@ -141,6 +141,33 @@ def test_fused_loop_through_the_kernels_equals_it_through_aten_under_the_triton_
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+@pytest.mark.parametrize("chunk, dim", [(5, 6), (64, 64)])
+def test_kernels_compile_for_an_h100(dtype, chunk, dim):
+    # what the interpreter does not check: Triton's compiler (front end, MLIR, LLVM and its bundled
+    # ptxas) for sm_90, run here without a GPU
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from titans_pytorch.memory import residual_norm_triton as kernels
+    from titans_pytorch.memory.fused import LAYER_NORM_EPS
+
+    blocks = kernels._blocks(chunk, dim)
+    num_warps = blocks.pop("num_warps")
+    for kernel in (kernels._forward_kernel, kernels._backward_kernel):
+        constants = {"CHUNK": chunk, "DIM": dim, **blocks}
+        if "EPS" in kernel.arg_names:
+            constants["EPS"] = LAYER_NORM_EPS
+        signature = {name: f"*{dtype}" if name.endswith("_ptr") else "i64" if name.endswith("_row") else "constexpr"
+                     for name in kernel.arg_names}
+        assert set(name for name, kind in signature.items() if kind == "constexpr") == set(constants)
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=num_warps))
+        assert ".entry" in compiled.asm["ptx"] and compiled.asm["cubin"]
+
+
 def test_the_aten_ops_run_on_a_cpu():
     from titans_pytorch.memory import fused
 
@@ -156,6 +183,9 @@ def test_kernels_on_cuda_equal_the_aten_ops(dtype, shape):
     fused = namespace["fused"]
     assert fused._residual_norm(torch.zeros(1, device="cuda")) is fused.TritonResidualNorm
     inputs = [t.cuda() for t in namespace["chunk_inputs"](*shape, dtype, 0)]
+    # a constant row and a nearly constant one: where the norm's eps matters (kept at its float64 value)
+    inputs[0][0, 0] = 0.5
+    inputs[0][-1, -1] = 0.5 + 1e-4 * torch.randn(shape[-1], dtype=dtype, device="cuda")
     expected = namespace["both_ways"](fused.AtenResidualNorm, *inputs)
     got = namespace["both_ways"](fused.TritonResidualNorm, *inputs)
     tolerance = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)

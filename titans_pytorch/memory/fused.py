@@ -36,7 +36,10 @@ its size, so there they run as one Triton kernel each way (`residual_norm_triton
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import shutil
 import threading
 from contextlib import contextmanager
 
@@ -220,12 +223,14 @@ class TritonResidualNorm:
 NORM_KERNELS = "auto"
 
 
+@functools.cache
 def _triton_available():
+    """Triton importable, and a C compiler for the launcher it builds at the first launch."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return True
+    return any(map(shutil.which, (os.environ.get("CC") or "cc", "gcc", "clang")))
 
 
 def _residual_norm(keys):

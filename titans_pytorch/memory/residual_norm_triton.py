@@ -16,6 +16,8 @@ Shapes: `(B, c, d)` per chunk with features contiguous, the scale `(B, 1, d)`, m
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +42,7 @@ def _in_dtype_of(like, value):
 @triton.jit
 def _forward_kernel(z_ptr, z_row, offset_ptr, offset_row, scale_ptr, scale_row,
                     normed_ptr, mean_ptr, rstd_ptr, residual_ptr, scaled_ptr, delta_ptr, scale_rows_ptr,
-                    eps, CHUNK: tl.constexpr, DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                    EPS: tl.constexpr, CHUNK: tl.constexpr, DIM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # row offsets can pass 2^31 elements
     features = tl.arange(0, BLOCK_D)[None, :]
     scale = tl.load(scale_ptr + row * scale_row + features, mask=features < DIM, other=0.0)
@@ -54,7 +56,7 @@ def _forward_kernel(z_ptr, z_row, offset_ptr, offset_row, scale_ptr, scale_row,
         dim_ = _in_dtype_of(z, DIM)
         mean = tl.sum(z, 1) / dim_
         centred = tl.where(mask, z - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / dim_ + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / dim_ + EPS)
         normed = centred * rstd[:, None]
         residual = offset + normed * scale / tl.sqrt(dim_)  # e = o + LN(z) s / sqrt(d)
         scaled = residual * scale
@@ -114,8 +116,15 @@ def _with_rows(t):
     return t, t.stride(0)
 
 
-# a program holds a tile of at most this many elements per tensor in registers (several tensors live at once)
+# a program holds a tile of at most this many elements per tensor in registers (several tensors live
+# at once); a token's features are never split, so beyond 2,048 features (float64: 4,096 in a
+# compile for sm_90, float32: 8,192) the tile spills registers: slower, not wrong
 _TILE_ELEMENTS = 2048
+
+
+def _on_device_of(t):
+    """Triton launches on the current CUDA device and stream, not on the tensors' device: make it theirs."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _blocks(chunk, dim):
@@ -126,7 +135,8 @@ def _blocks(chunk, dim):
 
 
 def residual_norm_forward(z, offset, scale, eps, residual, scaled):
-    """z, offset `(B, c, d)`, scale `(B, 1, d)` -> `(normed, mean, rstd, delta, scale_rows)`:
+    """z, offset `(B, c, d)`, scale `(B, 1, d)`, the LayerNorm's `eps` (a float; compiled into the
+    kernel, so that float64 keeps all of it) -> `(normed, mean, rstd, delta, scale_rows)`:
     `LN(z)`, its mean and rstd `(B, c, 1)`, `delta = LN'(e * scale)` and `e * normed`, each
     `(B, c, d)` unless said, where `e = offset + normed * scale / sqrt(d)`; `e` is written into
     `residual` and `e * scale` into `scaled` (contiguous `(B, c, d)`)."""
@@ -135,9 +145,10 @@ def residual_norm_forward(z, offset, scale, eps, residual, scaled):
         raise ValueError("residual_norm_forward: residual and scaled must be contiguous")
     normed, delta, scale_rows = (torch.empty(batch, chunk, dim, dtype=z.dtype, device=z.device) for _ in range(3))
     mean, rstd = (torch.empty(batch, chunk, 1, dtype=z.dtype, device=z.device) for _ in range(2))
-    _forward_kernel[(batch,)](
-        *_with_rows(z), *_with_rows(offset), *_with_rows(scale),
-        normed, mean, rstd, residual, scaled, delta, scale_rows, eps, chunk, dim, **_blocks(chunk, dim))
+    with _on_device_of(z):
+        _forward_kernel[(batch,)](
+            *_with_rows(z), *_with_rows(offset), *_with_rows(scale),
+            normed, mean, rstd, residual, scaled, delta, scale_rows, eps, chunk, dim, **_blocks(chunk, dim))
     return normed, mean, rstd, delta, scale_rows
 
 
@@ -149,7 +160,7 @@ def residual_norm_backward(top, grad_products, normed, rstd, residual, delta, sc
     tensors = [t.contiguous() for t in (top, grad_products, normed, rstd, residual, delta)]  # as they come: no copy
     grad_residual, grad_z = torch.empty_like(tensors[0]), torch.empty_like(tensors[0])
     grad_scale = torch.empty(batch, dim, dtype=top.dtype, device=top.device)
-    _backward_kernel[(batch,)](
-        *tensors, *_with_rows(scale), grad_residual, grad_z, grad_scale,
-        chunk, dim, **_blocks(chunk, dim))
+    with _on_device_of(top):
+        _backward_kernel[(batch,)](
+            *tensors, *_with_rows(scale), grad_residual, grad_z, grad_scale, chunk, dim, **_blocks(chunk, dim))
     return grad_residual, grad_z, grad_scale
