@@ -146,8 +146,9 @@ def test_fused_loop_through_the_kernels_equals_it_through_aten_under_the_triton_
 def test_kernels_compile_for_an_h100(dtype, chunk, dim):
     # what the interpreter does not check: Triton's compiler (front end, MLIR, LLVM and its bundled
     # ptxas) for sm_90, run here without a GPU
-    pytest.importorskip("triton")
-    import triton
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton has no bundled ptxas for NVIDIA targets")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
