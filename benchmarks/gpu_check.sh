@@ -10,13 +10,13 @@
 # GPU_CHECK_PARTS picks the parts (default: all, in this order): tests memory models train ddp presets.
 # A device command may run 10 minutes at most and a session has about 15 minutes of device time, its
 # start-up (minutes) included, so most sessions get one long call: the most important parts first
-# (our estimates, never measured: tests 3-4 min with the warp scan's compile, memory 1-2, models 5-6,
+# (our estimates, never measured: tests 3-5 min with the warp scan's and the norm kernels' compiles, memory 2-3, models 5-6,
 # train 2, ddp 1, presets 5), e.g.
 #   GPU_CHECK_PARTS="tests train" bash benchmarks/gpu_check.sh     # do the graphs work, what do they gain
 #   GPU_CHECK_PARTS="models ddp" bash benchmarks/gpu_check.sh
 #   GPU_CHECK_PARTS="memory presets" bash benchmarks/gpu_check.sh
 # Each step has its own time limit (STEP_TIMEOUT seconds, default 240; the CUDA tests TESTS_TIMEOUT,
-# default 360; the sweep PRESETS_TIMEOUT, default 420) and log; summary.txt collects each step's exit
+# default 360; bench_memory.py MEMORY_TIMEOUT, default 300; the sweep PRESETS_TIMEOUT, default 420) and log; summary.txt collects each step's exit
 # status and the end of its output.
 # float32 with TF32 off, except train_mac.py (its defaults: bf16 autocast, TF32 on).
 set -u
@@ -46,7 +46,7 @@ if wants tests; then
     step cuda_tests "${TESTS_TIMEOUT:-360}" python -m pytest -q -m cuda tests --durations=15
 fi
 if wants memory; then
-    step bench_memory "$limit" python benchmarks/bench_memory.py --repeats 5 --skip-sweep --cuda-graphs
+    step bench_memory "${MEMORY_TIMEOUT:-300}" python benchmarks/bench_memory.py --repeats 5 --skip-sweep --cuda-graphs
 fi
 if wants models; then
     step bench_mac "$limit" python benchmarks/bench_mac.py --model mac --repeats 3 --decode-contexts 256,4096
