@@ -105,9 +105,12 @@ def run(mem, x):
     return results, mode.count
 
 
-for momentum in (True, False):
+from titans_pytorch import LinearMemory, ResidualNormMemory
+
+# the default network with and without momentum, and the norm around a single matrix
+for momentum, model in ((True, None), (False, None), (True, ResidualNormMemory(6, model=LinearMemory(6)))):
     torch.manual_seed(0)
-    mem = NeuralMemory(dim=12, heads=2, dim_head=6, chunk_size=3, momentum=momentum).double()
+    mem = NeuralMemory(dim=12, heads=2, dim_head=6, chunk_size=3, momentum=momentum, model=model).double()
     mem.network = dataclasses.replace(mem.network, loop="fused")
     counts = {}
     for chunks in (2, 6):
