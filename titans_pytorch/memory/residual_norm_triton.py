@@ -4,8 +4,8 @@ In `fused.py` a chunk's norm is a row of small aten ops: forward the LayerNorm, 
 `e = o + n * s / sqrt(d)`, `e * s`, the LayerNorm's backward (the delta) and `e * n` (5 ops);
 backward the gradients through all of them (13 ops). On a GPU each op is a kernel of a few
 microseconds whatever its size, and the chunk loop runs them once per chunk. Here each direction
-is one kernel: one program per (batch x head) row, over its chunk's `c` tokens x `d` features at
-once (the norm reduces over features, the scale's gradient over the chunk's tokens).
+is one kernel: one program per (batch x head) row, over its chunk's `c` tokens in tiles of whole
+tokens (the norm reduces over a token's `d` features; the scale's gradient sums over the tiles).
 
 `fused.py` uses these on CUDA (`_residual_norm`) and its aten expressions everywhere else; the
 tests run these kernels on CPU tensors under the Triton interpreter (`TRITON_INTERPRET=1`) and
@@ -46,7 +46,7 @@ def _forward_kernel(z_ptr, z_row, offset_ptr, offset_row, scale_ptr, scale_row,
     row = tl.program_id(0).to(tl.int64)  # row offsets can pass 2^31 elements
     features = tl.arange(0, BLOCK_D)[None, :]
     scale = tl.load(scale_ptr + row * scale_row + features, mask=features < DIM, other=0.0)
-    for first in range(0, CHUNK, BLOCK_C):  # the CHUNK's tokens, a tile at a time (each token on its own)
+    for first in range(0, CHUNK, BLOCK_C):  # the chunk's tokens, a tile at a time (each token on its own)
         token = first + tl.arange(0, BLOCK_C)
         tokens = token[:, None]
         mask = (tokens < CHUNK) & (features < DIM)
