@@ -77,7 +77,7 @@ def _backward_kernel(top_ptr, products_ptr, normed_ptr, rstd_ptr, residual_ptr, 
     row = tl.program_id(0).to(tl.int64)  # row offsets can pass 2^31 elements
     features = tl.arange(0, BLOCK_D)[None, :]
     scale = tl.load(scale_ptr + row * scale_row + features, mask=features < DIM, other=0.0)
-    grad_scale = tl.zeros([BLOCK_D], scale.dtype)  # summed over the CHUNK's tokens
+    grad_scale = tl.zeros([BLOCK_D], scale.dtype)  # summed over the chunk's tokens
     for first in range(0, CHUNK, BLOCK_C):
         token = first + tl.arange(0, BLOCK_C)
         tokens = token[:, None]
