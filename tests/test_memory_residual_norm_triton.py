@@ -14,7 +14,7 @@ COMMON = """
 import torch
 import titans_pytorch.memory.fused as fused
 import titans_pytorch.memory.residual_norm_triton as kernels
-from titans_pytorch import NeuralMemory
+from titans_pytorch import LinearMemory, NeuralMemory, ResidualNormMemory
 
 
 def chunk_inputs(batch, chunk, dim, dtype, seed):
@@ -104,8 +104,6 @@ def run(mem, x):
     mem.zero_grad()
     return results, mode.count
 
-
-from titans_pytorch import LinearMemory, ResidualNormMemory
 
 # the default network with and without momentum, and the norm around a single matrix
 for momentum, model in ((True, None), (False, None), (True, ResidualNormMemory(6, model=LinearMemory(6)))):

@@ -313,7 +313,6 @@ class FusedChunkLoop(torch.autograd.Function):
                 else:  # residual M(k) - v and scaled into their buffers
                     normed, mean, rstd, delta, scale_rows = residual_norm.forward(
                         h, chunk_offsets[j], scales[j], residual_chunks[j], scaled_chunks[j])
-                    residual = residual_chunks[j]
                     for saved, t in zip(norm, (normed, mean, rstd)):
                         saved.append(t)
                     last_deltas.append(delta)
