@@ -30,6 +30,7 @@ from train_mac import MODEL_CLASSES, PRESETS, build_model  # noqa: E402  (the tr
 from titans_pytorch import NeuralMemory  # noqa: E402
 from titans_pytorch.cuda_graphs import GraphedLoss, rerun_eagerly  # noqa: E402
 from titans_pytorch.decoding import GraphDecoder  # noqa: E402
+from titans_pytorch.transformer import HyperConnectionsNorm, StreamNorm  # noqa: E402
 
 
 def train_model(device, name="mac", ff_mult=4.0, segment_len=None, chunk_size=None):
@@ -115,24 +116,36 @@ def print_decoding_ops(names, device):
     print_table(("model", "ops cached", "ops from graphs"), rows)
 
 
+def library_stream_norms(model):
+    """Back to the hyper-connections library's own stream norm (`StreamNorm` computes the same)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "norm", None), StreamNorm):
+            library = HyperConnectionsNorm(module.norm.gamma.shape[-1])
+            library.gamma = module.norm.gamma
+            module.norm = library
+
+
 def print_breakdown(device, batch, seq_len, repeats):
     """The base MAC's training step with its memory layers and its hyper-connection streams switched
     off in turn: what each part costs."""
     arch = PRESETS["base"]["arch"]
-    # (label, model, architecture, the memory layers' chunk loop: "auto" is the library's choice)
-    variants = (("MAC (the base preset)", "mac", arch, "auto"),
-                ("MAC, memory on the fused chunk loop", "mac", arch, "fused"),
-                ("MAC, one residual stream", "mac", {**arch, "num_residual_streams": 1}, "auto"),
-                ("no memory layers", "window", arch, "auto"),
-                ("no memory layers, one residual stream", "window", {**arch, "num_residual_streams": 1}, "auto"))
+    # (label, model, architecture, the memory layers' chunk loop: "auto" is the library's choice, a change made after building)
+    variants = (("MAC (the base preset)", "mac", arch, "auto", None),
+                ("MAC, memory on the fused chunk loop", "mac", arch, "fused", None),
+                ("MAC, the hyper-connections library's stream norm", "mac", arch, "auto", library_stream_norms),
+                ("MAC, one residual stream", "mac", {**arch, "num_residual_streams": 1}, "auto", None),
+                ("no memory layers", "window", arch, "auto", None),
+                ("no memory layers, one residual stream", "window", {**arch, "num_residual_streams": 1}, "auto", None))
     ids = torch.randint(0, 256, (batch, seq_len + 1), device=device)
     rows = []
-    for label, name, variant, loop in variants:
+    for label, name, variant, loop, change in variants:
         torch.manual_seed(0)
         model = build_model(name, variant).to(device)
         for module in model.modules():
             if isinstance(module, NeuralMemory):  # memory/closed_form.py: the loop the built-in networks run
                 module.network = dataclasses.replace(module.network, loop=loop)
+        if change is not None:
+            change(model)
 
         def step():
             model.zero_grad(set_to_none=True)

@@ -8,7 +8,9 @@ import torch
 
 from dispatch import Created, ElementsWritten, HostReads
 from titans_pytorch import MemoryAsContextTransformer, MemoryAsGateTransformer, MemoryAsLayerTransformer, MemoryTransformer
+from hyper_connections.hyper_connections import RMSNorm as HyperConnectionsNorm
 from titans_pytorch.cuda_graphs import tensor_leaves
+from titans_pytorch.transformer import StreamNorm
 
 NUM_TOKENS, SEGMENT = 32, 4
 MEMORY = dict(chunk_size=2, heads=2, dim_head=8)
@@ -51,6 +53,38 @@ def test_streams_laid_out_by_position_equal_the_librarys_layout(float64, name):
         x = add_residual(feed_forward(branch_input))
     expected = model.to_logits(model.norm(model.reduce_streams(x)))
     torch.testing.assert_close(model(ids), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_every_hyper_connection_normalises_its_streams_with_stream_norm(name):
+    connections = [c for layer in build(name).layers for c in (layer[0], layer[2])]
+    assert len(connections) == 2 * COMMON["depth"]
+    assert all(isinstance(c.norm, StreamNorm) for c in connections)
+    # the library's parameter, under the library's key: checkpoints keep their keys
+    assert "layers.0.0.norm.gamma" in build(name).state_dict()
+    one_stream = build(name, num_residual_streams=1)
+    assert not any(isinstance(m, (StreamNorm, HyperConnectionsNorm)) for m in one_stream.modules())
+
+
+def test_stream_norm_equals_the_librarys_norm(float64):
+    library = HyperConnectionsNorm(16)
+    with torch.no_grad():
+        library.gamma.normal_()
+    ours = StreamNorm(library)
+    assert ours.gamma is library.gamma
+    x = torch.randn(6, 1, 16) * torch.tensor([1.0, 1e-3, 1e3, 1.0, 1.0, 0.0]).view(6, 1, 1)  # a zero row too
+    x = x.requires_grad_()
+    grad = torch.randn(6, 1, 16)
+    results = []
+    for norm in (library, ours):
+        out = norm(x)
+        results.append((out, *torch.autograd.grad(out, (x, library.gamma), grad)))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+    assert torch.all(results[1][0][5] == 0)
+    # and in the input's dtype, as the library's (a bfloat16 model feeds it to bfloat16 matmuls)
+    half = StreamNorm(HyperConnectionsNorm(16).to(torch.bfloat16))
+    assert half(torch.randn(3, 1, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("name", BUILDERS)
@@ -292,7 +326,7 @@ def test_generate_checks_arguments_at_the_call():
     assert model.training
 
 
-COMPILE_SMALL = dict(num_tokens=16, dim=8, depth=1, num_residual_streams=1, neural_memory_kwargs=dict(chunk_size=2, heads=1, dim_head=8))
+COMPILE_SMALL = dict(num_tokens=16, dim=8, depth=1, num_residual_streams=2, neural_memory_kwargs=dict(chunk_size=2, heads=1, dim_head=8))
 COMPILE_ATTENTION = dict(segment_len=4, num_persist_mem_tokens=1, heads=1, dim_head=8)
 COMPILE_BUILDERS = {
     "mac": lambda: MemoryAsContextTransformer(**COMPILE_SMALL, **COMPILE_ATTENTION, num_longterm_mem_tokens=1),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from hyper_connections import get_init_and_expand_reduce_stream_functions
+from hyper_connections.hyper_connections import RMSNorm as HyperConnectionsNorm
 from torch import nn
 from tqdm.auto import tqdm
 from x_transformers.autoregressive_wrapper import FILTER_LOGITS_FN
@@ -25,7 +26,7 @@ from x_transformers.autoregressive_wrapper import FILTER_LOGITS_FN
 from .attention import LocalAttention, SwiGLU
 from .checks import check_non_negative_ints, check_positive_ints
 from .decoding import MAX_GRAPHED_PERIOD, GraphDecoder
-from .neural_memory import NeuralMemory
+from .neural_memory import NeuralMemory, l2_normalize
 from .pretrained import PretrainedMixin
 
 
@@ -84,6 +85,30 @@ def build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neura
     return memories
 
 
+class StreamNorm(nn.Module):
+    """The hyper-connections library's stream norm, `F.normalize(x) * sqrt(d) * (gamma + 1)`, with
+    its parameter (`gamma`, so checkpoints keep their keys) and its result: the norm from one fused
+    dot product per row (`l2_normalize`), the two scales folded into one vector. Every
+    hyper-connection normalises all its streams, among the model's largest elementwise ops: on the
+    base preset this takes a sixth off a hyper-connection's forward+backward and keeps less for
+    the backward (docs/performance.md)."""
+
+    def __init__(self, norm: HyperConnectionsNorm):
+        super().__init__()
+        self.gamma, self.scale = norm.gamma, norm.scale
+
+    def forward(self, x):
+        return l2_normalize(x).to(x.dtype) * ((self.gamma + 1) * self.scale).to(x.dtype)
+
+
+def _hyper_connection(init_hyper_conn, dim, layer_index):
+    """The library's hyper-connection (or plain residual), its stream norm swapped for `StreamNorm`."""
+    connection = init_hyper_conn(dim=dim, layer_index=layer_index)
+    if isinstance(getattr(connection, "norm", None), HyperConnectionsNorm):
+        connection.norm = StreamNorm(connection.norm)
+    return connection
+
+
 class MemoryGate(nn.Module):
     """The paper's non-linear gate `y (x) M(x)` (MAG's combination, MAC's gated read): the
     attention output `y` and the memory's read `m`, both `(b, n, dim)`, each normalised with
@@ -122,9 +147,9 @@ class TitansTransformer(PretrainedMixin, nn.Module):
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
-                    init_hyper_conn(dim=dim, layer_index=2 * index),
+                    _hyper_connection(init_hyper_conn, dim, 2 * index),
                     mixer,
-                    init_hyper_conn(dim=dim, layer_index=2 * index + 1),
+                    _hyper_connection(init_hyper_conn, dim, 2 * index + 1),
                     SwiGLU(dim, ff_mult),
                 ]
             )
