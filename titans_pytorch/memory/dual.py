@@ -25,7 +25,6 @@ and the measurements that choose between this and `fused.py` (`closed_form.py`).
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -76,24 +75,32 @@ def _spread(x, coeffs):
     return (x.unsqueeze(-2) * coeffs.unsqueeze(-1)).flatten(-2)
 
 
+def stacked_rows(params, names):
+    """Each matrix's rows of state_0 stacked, `(B, k d_in, d_out)`: one copy each (the rows lie a
+    state apart), made once per block and shared by `DualChunkLoop` (forward and backward) and the reads."""
+    return [params[name].flatten(1, 2) for name in names]
+
+
 class _FirstState:
     """Products with state_0's rows mixed by per-token coefficients, for every matrix `m`:
-    `times(x, m, coeffs) = sum_r coeffs[r] x W_m^(r)` (the rows stacked, a view of the state) and
-    `times_t(y, m, coeffs) = sum_r coeffs[r] y W_m^(r)^T` (the transposed rows side by side, one copy)."""
+    `times(x, m, coeffs) = sum_r coeffs[r] x W_m^(r)` (the rows stacked) and
+    `times_t(y, m, coeffs) = sum_r coeffs[r] y W_m^(r)^T` (the transposed rows side by side, one
+    copy of a matrix at its first use)."""
 
-    def __init__(self, params, names):
-        self.params, self.names = params, names
-        self.stacked = [params[name].flatten(1, 2) for name in names]  # (B, k d_in, d_out)
+    def __init__(self, stacked):
+        self.stacked = stacked  # (B, k d_in, d_out) each
+        self._side_t = [None] * len(stacked)
 
-    @functools.cached_property
-    def side_t(self):  # (B, d_out, k d_in), copied once where needed
-        return [self.params[name].permute(0, 3, 1, 2).flatten(2) for name in self.names]
+    def side_t(self, m):  # (B, d_out, k d_in)
+        if self._side_t[m] is None:
+            self._side_t[m] = self.stacked[m].transpose(1, 2).contiguous()
+        return self._side_t[m]
 
     def times(self, x, m, coeffs):
         return torch.bmm(_spread(x, coeffs), self.stacked[m])
 
     def times_t(self, y, m, coeffs):
-        return _mix(torch.bmm(y, self.side_t[m]), coeffs)
+        return _mix(torch.bmm(y, self.side_t(m)), coeffs)
 
 
 def _past_term_backward(grad_out, x, past_keys, past_values, mask, grad_mask):
@@ -109,21 +116,21 @@ def _past_term_backward(grad_out, x, past_keys, past_values, mask, grad_mask):
 
 
 class DualChunkLoop(torch.autograd.Function):
-    """`(hidden..., deltas..., [scale_rows]) = DualChunkLoop.apply(network, chunk, state, keys, offsets, start, gamma)`.
+    """`(hidden..., deltas..., [scale_rows]) = DualChunkLoop.apply(network, chunk, keys, offsets, start, gamma, first_scale, *stacked)`.
 
     The sequential part of the dual form: every token's hidden activations `a_m` (`m >= 1`),
-    deltas `delta_m` and, with the norm, `e * n`, each `(B, N c, .)`, token-major. state
-    `(B, k, P)`; keys, offsets `(B, N c, d)`; start `(B, N, k)` (beta_j) and gamma `(B, N, N c)`
-    (gamma_j, zero from chunk j on), the weight row's coefficients of `dual_coefficients`.
+    deltas `delta_m` and, with the norm, `e * n`, each `(B, N c, .)`, token-major. keys, offsets
+    `(B, N c, d)`; start `(B, N, k)` (beta_j) and gamma `(B, N, N c)` (gamma_j, zero from chunk j
+    on), the weight row's coefficients of `dual_coefficients`; state_0 as its scale's rows
+    `first_scale (B, k, d)` (None without the norm) and each matrix's rows, `stacked_rows`.
     """
 
     @staticmethod
-    def forward(ctx, network, chunk, state, keys, offsets, start, gamma):
-        names, scale_name, layout = network.matrix_names, network.scale_name, network.layout
+    def forward(ctx, network, chunk, keys, offsets, start, gamma, first_scale, *stacked):
+        names, scale_name = network.matrix_names, network.scale_name
         batch, tokens, dim = keys.shape
         depth, num_chunks = len(names), tokens // chunk
-        params = layout.views(state)
-        first = _FirstState(params, names)
+        first = _FirstState(stacked)
         token_start = start.repeat_interleave(chunk, dim=1)  # (B, N c, k)
         token_gamma = gamma.repeat_interleave(chunk, dim=1)  # (B, N c, N c): row u sees gamma of u's chunk
         widths = [first.stacked[m].shape[-1] for m in range(depth)]
@@ -136,7 +143,6 @@ class DualChunkLoop(torch.autograd.Function):
         first_z = first.times(keys, 0, token_start)
         key_scores = torch.bmm(keys, keys.transpose(1, 2)).mul_(token_gamma)
         if scale_name is not None:
-            first_scale = params[scale_name]  # (B, k, d)
             scales = torch.bmm(start, first_scale)  # (B, N, d), completed chunk by chunk
             z_last, residuals, scaled, scale_rows = new(dim), new(dim), new(dim), new(dim)
             means, rstds = keys.new_empty(batch, tokens, 1), keys.new_empty(batch, tokens, 1)
@@ -178,9 +184,9 @@ class DualChunkLoop(torch.autograd.Function):
                 backs[m][:, now] = back
                 delta = torch.ops.aten.gelu_backward(back, pre[m - 1][:, now])
                 deltas[m - 1][:, now] = delta
-        saved = [state, keys, start, gamma, *pre, *acts[1:], *deltas, *backs[1:]]
+        saved = [*stacked, keys, start, gamma, *pre, *acts[1:], *deltas, *backs[1:]]
         if scale_name is not None:
-            saved += [scales, z_last, residuals, scaled, scale_rows, means, rstds]
+            saved += [first_scale, scales, z_last, residuals, scaled, scale_rows, means, rstds]
         ctx.save_for_backward(*saved)
         ctx.network, ctx.chunk = network, chunk
         return (*acts[1:], *deltas, *([scale_rows] if scale_name is not None else []))
@@ -188,20 +194,19 @@ class DualChunkLoop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         network, chunk = ctx.network, ctx.chunk
-        names, scale_name, layout = network.matrix_names, network.scale_name, network.layout
+        names, scale_name = network.matrix_names, network.scale_name
         depth = len(names)
         saved = list(ctx.saved_tensors)
-        state, keys, start, gamma = saved[:4]
-        pre = saved[4 : 4 + depth - 1]
-        acts = [keys] + saved[3 + depth : 2 + 2 * depth]
-        deltas = saved[2 + 2 * depth : 2 + 3 * depth]
-        backs = [None] + saved[2 + 3 * depth : 1 + 4 * depth]
+        stacked, (keys, start, gamma) = saved[:depth], saved[depth : depth + 3]
+        pre = saved[depth + 3 : 2 * depth + 2]
+        acts = [keys] + saved[2 * depth + 2 : 3 * depth + 1]
+        deltas = saved[3 * depth + 1 : 4 * depth + 1]
+        backs = [None] + saved[4 * depth + 1 : 5 * depth]
         if scale_name is not None:
-            scales, z_last, residuals, scaled, scale_rows, means, rstds = saved[1 + 4 * depth :]
+            first_scale, scales, z_last, residuals, scaled, scale_rows, means, rstds = saved[5 * depth :]
         batch, tokens, dim = keys.shape
-        num_chunks, rows = tokens // chunk, state.shape[1]
-        params = layout.views(state)
-        first = _FirstState(params, names)
+        num_chunks, rows = tokens // chunk, start.shape[-1]
+        first = _FirstState(stacked)
         zeros = lambda t: torch.zeros_like(t)  # noqa: E731
         # the adjoints of the outputs, completed chunk by chunk from the last: a chunk's own once
         # every later chunk has added what it owes them
@@ -286,23 +291,23 @@ class DualChunkLoop(torch.autograd.Function):
         token_start = start.repeat_interleave(chunk, dim=1)
         grad_keys = grad_acts[0] + first.times_t(grad_z[0], 0, token_start)
         grad_token_start = 0
-        grad_params = {}
-        for m, name in enumerate(names):
+        grad_stacked = []
+        for m in range(depth):
             # z_m: d/dW^(r) = sum_t start_t[r] a_t^T zbar_t, d/dstart_t[r] = <zbar_t W^(r)^T, a_t>
             grad_first = torch.bmm(_spread(acts[m], token_start).transpose(1, 2), grad_z[m])  # (B, k d_in, d_out)
-            products = torch.bmm(grad_z[m], first.side_t[m]).unflatten(-1, (rows, -1))
+            products = torch.bmm(grad_z[m], first.side_t(m)).unflatten(-1, (rows, -1))
             grad_token_start = grad_token_start + (products * acts[m][:, :, None]).sum(-1)
             if m:  # back_m: d/dW^(r) = sum_t start_t[r] backbar_t^T delta_t, d/dstart_t[r] = <delta_t W^(r)^T, backbar_t>
                 grad_first = torch.baddbmm(grad_first, _spread(grad_backs[m], token_start).transpose(1, 2), deltas[m])
-                products = torch.bmm(deltas[m], first.side_t[m]).unflatten(-1, (rows, -1))
+                products = torch.bmm(deltas[m], first.side_t(m)).unflatten(-1, (rows, -1))
                 grad_token_start = grad_token_start + (products * grad_backs[m][:, :, None]).sum(-1)
-            grad_params[name] = grad_first.view(batch, rows, -1)
+            grad_stacked.append(grad_first)
         grad_start = grad_token_start.view(batch, num_chunks, chunk, rows).sum(2)
+        grad_first_scale = None
         if scale_name is not None:
-            grad_params[scale_name] = torch.bmm(start.transpose(1, 2), grad_scales)
-            grad_start = grad_start + torch.bmm(grad_scales, params[scale_name].transpose(1, 2))
-        grad_state = torch.cat([grad_params[name] for name in layout.names], dim=-1)
-        return None, None, grad_state, grad_keys, grad_offsets, grad_start, grad_gamma
+            grad_first_scale = torch.bmm(start.transpose(1, 2), grad_scales)
+            grad_start = grad_start + torch.bmm(grad_scales, first_scale.transpose(1, 2))
+        return None, None, grad_keys, grad_offsets, grad_start, grad_gamma, grad_first_scale, *grad_stacked
 
 
 def dual_chunk_loop(network, state, keys, offsets, token_weights, transitions, queries=None, block_tokens=None):
@@ -333,12 +338,13 @@ def _dual_block(network, state, keys, offsets, token_weights, transitions, queri
     batch, num_chunks, chunk, dim = keys.shape
     depth, rows = len(names), state.shape[1]
     start, gamma = dual_coefficients(token_weights, transitions)
-    outputs = DualChunkLoop.apply(network, chunk, state, keys.flatten(1, 2), offsets.flatten(1, 2),
-                                  start[:, :-1, 0], gamma[:, :-1, 0])
+    params = layout.views(state)
+    stacked = stacked_rows(params, names)
+    outputs = DualChunkLoop.apply(network, chunk, keys.flatten(1, 2), offsets.flatten(1, 2), start[:, :-1, 0],
+                                  gamma[:, :-1, 0], params[scale_name] if scale_name is not None else None, *stacked)
     acts = [keys.flatten(1, 2), *outputs[: depth - 1]]
     deltas = outputs[depth - 1 : 2 * depth - 1]
     scale_rows = outputs[-1] if scale_name is not None else None
-    params = layout.views(state)
 
     # the final state: state_0's rows mixed, plus every token's gradient with its rows' weights
     final_start, final_gamma = start[:, -1], gamma[:, -1]  # (B, k, k), (B, k, N c)
@@ -357,7 +363,7 @@ def _dual_block(network, state, keys, offsets, token_weights, transitions, queri
     # the gradients of the chunks before its own, with its chunk's gamma
     query_start = start[:, :num_chunks, 0].repeat_interleave(chunk, dim=1)  # (B, N c, k)
     query_gamma = gamma[:, :num_chunks, 0].repeat_interleave(chunk, dim=1)  # (B, N c, N c)
-    first = _FirstState(params, names)
+    first = _FirstState(stacked)
     x = h = queries.flatten(1, 2)
     for m in range(depth):
         if m:
