@@ -82,6 +82,11 @@ def test_stream_norm_equals_the_librarys_norm(float64):
     for expected, got in zip(*results):
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
     assert torch.all(results[1][0][5] == 0)
+    # for the backward it keeps the input (which the hyper-connection keeps anyway) and one value a row
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        ours(x)
+    assert sum(t.numel() for t in kept if t.data_ptr() != x.data_ptr()) <= 6 + 16
     # and in the input's dtype, as the library's (a bfloat16 model feeds it to bfloat16 matmuls)
     half = StreamNorm(HyperConnectionsNorm(16).to(torch.bfloat16))
     assert half(torch.randn(3, 1, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -26,7 +26,7 @@ from x_transformers.autoregressive_wrapper import FILTER_LOGITS_FN
 from .attention import LocalAttention, SwiGLU
 from .checks import check_non_negative_ints, check_positive_ints
 from .decoding import MAX_GRAPHED_PERIOD, GraphDecoder
-from .neural_memory import NeuralMemory, l2_normalize
+from .neural_memory import NeuralMemory
 from .pretrained import PretrainedMixin
 
 
@@ -85,20 +85,44 @@ def build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neura
     return memories
 
 
+class _ScaledL2Norm(torch.autograd.Function):
+    """`x / max(||x||, eps) * weight` over the last dim, keeping only `x` and `1 / max(||x||, eps)`
+    for the backward (autograd through the same ops also keeps the normalised `x`, a copy of the
+    input's size)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.linalg.vecdot(x, x).unsqueeze(-1).clamp_min_(eps * eps).rsqrt_()  # 1 / max(||x||, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.eps = eps
+        return x * rstd * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x * rstd
+        grad_weight = (grad * normed).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        grad_normed = grad * weight
+        # d normed / dx = rstd (I - normed normed^T), where the norm is not clamped (rstd < 1 / eps)
+        projection = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1) * (rstd < 1 / ctx.eps)
+        return torch.addcmul(grad_normed, normed, projection, value=-1).mul_(rstd), grad_weight, None
+
+
 class StreamNorm(nn.Module):
     """The hyper-connections library's stream norm, `F.normalize(x) * sqrt(d) * (gamma + 1)`, with
     its parameter (`gamma`, so checkpoints keep their keys) and its result: the norm from one fused
-    dot product per row (`l2_normalize`), the two scales folded into one vector. Every
-    hyper-connection normalises all its streams, among the model's largest elementwise ops: on the
-    base preset this takes a sixth off a hyper-connection's forward+backward and keeps less for
-    the backward (docs/performance.md)."""
+    dot product per row, the two scales folded into one vector, and only the input kept for the
+    backward. Every hyper-connection normalises all its streams, among the model's largest
+    elementwise ops (docs/performance.md)."""
+
+    EPS = 1e-12  # F.normalize's
 
     def __init__(self, norm: HyperConnectionsNorm):
         super().__init__()
         self.gamma, self.scale = norm.gamma, norm.scale
 
     def forward(self, x):
-        return l2_normalize(x).to(x.dtype) * ((self.gamma + 1) * self.scale).to(x.dtype)
+        return _ScaledL2Norm.apply(x, ((self.gamma + 1) * self.scale).to(x.dtype), self.EPS)
 
 
 def _hyper_connection(init_hyper_conn, dim, layer_index):
