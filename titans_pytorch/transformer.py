@@ -85,34 +85,35 @@ def build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neura
     return memories
 
 
-class _ScaledL2Norm(torch.autograd.Function):
-    """`x / max(||x||, eps) * weight` over the last dim, keeping only `x` and `1 / max(||x||, eps)`
-    for the backward (autograd through the same ops also keeps the normalised `x`, a copy of the
-    input's size)."""
+class _StreamNormFunction(torch.autograd.Function):
+    """`x / max(||x||, eps) * scale * (1 + gamma)` over the last dim, keeping only `x` and one value a
+    row, `r = scale / max(||x||, eps)`, for the backward (autograd through the same ops also keeps
+    the normalised `x`, a copy of the input's size)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        rstd = torch.linalg.vecdot(x, x).unsqueeze(-1).clamp_min_(eps * eps).rsqrt_()  # 1 / max(||x||, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.eps = eps
-        return x * rstd * weight
+    def forward(ctx, x, gamma, scale, eps):
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(eps).reciprocal_().mul_(scale)
+        normed = x * r
+        ctx.save_for_backward(x, gamma, r)
+        ctx.scale, ctx.eps = scale, eps
+        return torch.addcmul(normed, normed, gamma)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        normed = x * rstd
-        grad_weight = (grad * normed).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
-        grad_normed = grad * weight
-        # d normed / dx = rstd (I - normed normed^T), where the norm is not clamped (rstd < 1 / eps)
-        projection = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1) * (rstd < 1 / ctx.eps)
-        return torch.addcmul(grad_normed, normed, projection, value=-1).mul_(rstd), grad_weight, None
+        x, gamma, r = ctx.saved_tensors
+        normed = x * r
+        grad_gamma = (grad * normed).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        grad_normed = torch.addcmul(grad, grad, gamma)
+        # d normed / dx = r (I - u u^T), u = normed / scale, where the norm is not clamped
+        unclamped = r < ctx.scale / ctx.eps
+        projection = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).mul_(unclamped / ctx.scale**2)
+        return torch.addcmul(grad_normed, normed, projection, value=-1).mul_(r), grad_gamma, None, None
 
 
 class StreamNorm(nn.Module):
     """The hyper-connections library's stream norm, `F.normalize(x) * sqrt(d) * (gamma + 1)`, with
-    its parameter (`gamma`, so checkpoints keep their keys) and its result: the norm from one fused
-    dot product per row, the two scales folded into one vector, and only the input kept for the
-    backward. Every hyper-connection normalises all its streams, among the model's largest
+    its parameter (`gamma`, so checkpoints keep their keys) and its result, keeping only its input
+    for the backward. Every hyper-connection normalises all its streams, among the model's largest
     elementwise ops (docs/performance.md)."""
 
     EPS = 1e-12  # F.normalize's
@@ -122,7 +123,7 @@ class StreamNorm(nn.Module):
         self.gamma, self.scale = norm.gamma, norm.scale
 
     def forward(self, x):
-        return _ScaledL2Norm.apply(x, ((self.gamma + 1) * self.scale).to(x.dtype), self.EPS)
+        return _StreamNormFunction.apply(x, self.gamma.to(x.dtype), self.scale, self.EPS)
 
 
 def _hyper_connection(init_hyper_conn, dim, layer_index):
