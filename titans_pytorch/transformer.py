@@ -106,7 +106,8 @@ class _StreamNormFunction(torch.autograd.Function):
         grad_normed = torch.addcmul(grad, grad, gamma)
         # d normed / dx = r (I - u u^T), u = normed / scale, where the norm is not clamped
         unclamped = r < ctx.scale / ctx.eps
-        projection = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).mul_(unclamped / ctx.scale**2)
+        projection = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1)
+        projection.mul_(unclamped.to(r.dtype) / ctx.scale**2)
         return torch.addcmul(grad_normed, normed, projection, value=-1).mul_(r), grad_gamma, None, None
 
 

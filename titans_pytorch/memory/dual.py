@@ -25,7 +25,6 @@ and the measurements that choose between this and `fused.py` (`closed_form.py`).
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
