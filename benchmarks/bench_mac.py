@@ -127,11 +127,13 @@ def library_stream_norms(model):
 
 def print_breakdown(device, batch, seq_len, repeats):
     """The base MAC's training step with its memory layers and its hyper-connection streams switched
-    off in turn: what each part costs."""
+    off in turn, and on each chunk loop: what each part costs (each row one run: `repeats` steps'
+    median). "as is" runs the loop `ClosedFormNetwork.loop_for` picks, which depends on the batch."""
     arch = PRESETS["base"]["arch"]
     # (label, model, architecture, the memory layers' chunk loop: "auto" is the library's choice, a change made after building)
     variants = (("MAC (the base preset)", "mac", arch, "auto", None),
                 ("MAC, memory on the fused chunk loop", "mac", arch, "fused", None),
+                ("MAC, memory on the dual form", "mac", arch, "dual", None),
                 ("MAC, the hyper-connections library's stream norm", "mac", arch, "auto", library_stream_norms),
                 ("MAC, one residual stream", "mac", {**arch, "num_residual_streams": 1}, "auto", None),
                 ("no memory layers", "window", arch, "auto", None),
