@@ -7,6 +7,7 @@ capturing them took.
     python benchmarks/bench_mac.py --threads 2 --model lmm --skip-train
     python benchmarks/bench_mac.py --only-segment      # just the op counts (segment, decoding step), every model
     python benchmarks/bench_mac.py --breakdown         # the training step with parts switched off
+    python benchmarks/bench_mac.py --hyper-connections # the fused hyper-connections against the library's forward
 
 The per-segment table is the day-to-day measure of the GPU's wait on Python: at the tiny size
 (dim 32, 8 attention heads of 4, memory of 4 heads of 8, the base preset's depth, segment 32,
@@ -18,8 +19,10 @@ graphs: under a CUDA graph each is a kernel, so the count is the GPU's time per 
 
 import argparse
 import dataclasses
+import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -30,7 +33,8 @@ from train_mac import MODEL_CLASSES, PRESETS, build_model  # noqa: E402  (the tr
 from titans_pytorch import NeuralMemory  # noqa: E402
 from titans_pytorch.cuda_graphs import GraphedLoss, rerun_eagerly  # noqa: E402
 from titans_pytorch.decoding import GraphDecoder  # noqa: E402
-from titans_pytorch.transformer import HyperConnectionsNorm, StreamNorm  # noqa: E402
+from hyper_connections.hyper_connections import HyperConnections  # noqa: E402
+from titans_pytorch.streams import FusedHyperConnections  # noqa: E402
 
 
 def train_model(device, name="mac", ff_mult=4.0, segment_len=None, chunk_size=None):
@@ -116,13 +120,11 @@ def print_decoding_ops(names, device):
     print_table(("model", "ops cached", "ops from graphs"), rows)
 
 
-def library_stream_norms(model):
-    """Back to the hyper-connections library's own stream norm (`StreamNorm` computes the same)."""
+def library_hyper_connections(model):
+    """Back to the hyper-connections library's own forward (`FusedHyperConnections` computes the same)."""
     for module in model.modules():
-        if isinstance(getattr(module, "norm", None), StreamNorm):
-            library = HyperConnectionsNorm(module.norm.gamma.shape[-1])
-            library.gamma = module.norm.gamma
-            module.norm = library
+        if isinstance(module, FusedHyperConnections):
+            module.forward = types.MethodType(HyperConnections.forward, module)
 
 
 def print_breakdown(device, batch, seq_len, repeats):
@@ -134,7 +136,7 @@ def print_breakdown(device, batch, seq_len, repeats):
     variants = (("MAC (the base preset)", "mac", arch, "auto", None),
                 ("MAC, memory on the fused chunk loop", "mac", arch, "fused", None),
                 ("MAC, memory on the dual form", "mac", arch, "dual", None),
-                ("MAC, the hyper-connections library's stream norm", "mac", arch, "auto", library_stream_norms),
+                ("MAC, the hyper-connections library's forward", "mac", arch, "auto", library_hyper_connections),
                 ("MAC, one residual stream", "mac", {**arch, "num_residual_streams": 1}, "auto", None),
                 ("no memory layers", "window", arch, "auto", None),
                 ("no memory layers, one residual stream", "window", {**arch, "num_residual_streams": 1}, "auto", None))
@@ -158,6 +160,55 @@ def print_breakdown(device, batch, seq_len, repeats):
     print_table(("model", "seconds"), rows)
 
 
+def print_hyper_connections(device, batch, seq_len, repeats, context=256, steps=32):
+    """`FusedHyperConnections` against the library's forward on the same module, interleaved: one
+    hyper-connection of the base size (4 streams of 384) around a linear branch, forward+backward on
+    `batch x seq_len` tokens, and the base MAC's cached decoding step after `context` tokens."""
+    torch.manual_seed(0)
+    dim = PRESETS["base"]["arch"]["dim"]
+    connection = FusedHyperConnections(4, dim=dim, layer_index=1).to(device)
+    library = lambda x: HyperConnections.forward(connection, x)  # noqa: E731
+    x = torch.randn(batch * seq_len * 4, 1, dim, device=device, requires_grad=True)
+    branch, grad = torch.nn.Linear(dim, dim, device=device), torch.randn_like(x)
+
+    def one_connection(forward):
+        branch_input, add_residual = forward(x)
+        add_residual(branch(branch_input)).backward(grad)
+
+    model = train_model(device).eval()
+    ids = torch.randint(0, 256, (1, context), device=device)
+    token = torch.randint(0, 256, (1, 1), device=device)
+    caches = {}
+
+    def decode_step(use_library):
+        if use_library:
+            library_hyper_connections(model)
+        try:
+            caches[use_library] = model(token, cache=caches[use_library], return_cache=True)[1]
+        finally:
+            for module in model.modules():
+                module.__dict__.pop("forward", None)  # back to the class's forward
+
+    with torch.no_grad():
+        for use_library in (False, True):
+            caches[use_library] = model(ids, return_cache=True)[1]
+    # (label, run, repeats, with gradients)
+    cases = (("one hyper-connection, forward+backward", lambda use_library: one_connection(library if use_library else connection),
+              repeats, True),
+             (f"cached decoding step of the base MAC after {context} tokens", decode_step, steps, False))
+    rows = []
+    for label, run, count, grad_enabled in cases:
+        times = {False: [], True: []}
+        for _ in range(count):  # interleaved, so that a drift of the machine's speed hits both
+            for use_library in (False, True):
+                with torch.set_grad_enabled(grad_enabled):
+                    times[use_library].append(median_time(lambda: run(use_library), device, 1))
+        fused, lib = (statistics.median(times[k]) * 1e3 for k in (False, True))
+        rows.append((label, f"{fused:.1f}", f"{lib:.1f}", f"{lib / fused:.2f}"))
+    print(f"hyper-connections: fused forward against the library's, batch {batch} x {seq_len} tokens, ms (medians)")
+    print_table(("case", "fused", "library's forward", "ratio"), rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -174,6 +225,8 @@ def main():
     parser.add_argument("--only-segment", action="store_true",
                         help="only the op counts (per segment, per decoding step) and the segment's host cost, every model")
     parser.add_argument("--breakdown", action="store_true", help="only the training step with parts switched off")
+    parser.add_argument("--hyper-connections", action="store_true",
+                        help="only the fused hyper-connections against the library's forward (one connection, decoding)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -182,6 +235,9 @@ def main():
     print()
     if args.breakdown:
         print_breakdown(device, args.batch, args.seq_len, args.repeats)
+        return
+    if args.hyper_connections:
+        print_hyper_connections(device, args.batch, args.seq_len, max(args.repeats, 9))
         return
     names = ("mac", "mag", "mal", "lmm", "window") if args.only_segment else (args.model,)
     print_segment_cost(names, device)

@@ -8,9 +8,9 @@ import torch
 
 from dispatch import Created, ElementsWritten, HostReads
 from titans_pytorch import MemoryAsContextTransformer, MemoryAsGateTransformer, MemoryAsLayerTransformer, MemoryTransformer
-from hyper_connections.hyper_connections import RMSNorm as HyperConnectionsNorm
+from hyper_connections.hyper_connections import HyperConnections
 from titans_pytorch.cuda_graphs import tensor_leaves
-from titans_pytorch.transformer import StreamNorm
+from titans_pytorch.streams import FusedHyperConnections
 
 NUM_TOKENS, SEGMENT = 32, 4
 MEMORY = dict(chunk_size=2, heads=2, dim_head=8)
@@ -56,40 +56,17 @@ def test_streams_laid_out_by_position_equal_the_librarys_layout(float64, name):
 
 
 @pytest.mark.parametrize("name", BUILDERS)
-def test_every_hyper_connection_normalises_its_streams_with_stream_norm(name):
-    connections = [c for layer in build(name).layers for c in (layer[0], layer[2])]
+def test_every_hyper_connection_is_the_fused_one_with_the_librarys_keys(name):
+    model = build(name)
+    connections = [c for layer in model.layers for c in (layer[0], layer[2])]
     assert len(connections) == 2 * COMMON["depth"]
-    assert all(isinstance(c.norm, StreamNorm) for c in connections)
-    # the library's parameter, under the library's key: checkpoints keep their keys
-    assert "layers.0.0.norm.gamma" in build(name).state_dict()
+    assert all(type(c) is FusedHyperConnections for c in connections)
+    # the library's parameters, under the library's keys: checkpoints keep their keys
+    library = HyperConnections(2, dim=16, layer_index=0)
+    assert set(connections[0].state_dict()) == set(library.state_dict())
+    assert "layers.0.0.norm.gamma" in model.state_dict()
     one_stream = build(name, num_residual_streams=1)
-    assert not any(isinstance(m, (StreamNorm, HyperConnectionsNorm)) for m in one_stream.modules())
-
-
-def test_stream_norm_equals_the_librarys_norm(float64):
-    library = HyperConnectionsNorm(16)
-    with torch.no_grad():
-        library.gamma.normal_()
-    ours = StreamNorm(library)
-    assert ours.gamma is library.gamma
-    x = torch.randn(6, 1, 16) * torch.tensor([1.0, 1e-3, 1e3, 1.0, 1.0, 0.0]).view(6, 1, 1)  # a zero row too
-    x = x.requires_grad_()
-    grad = torch.randn(6, 1, 16)
-    results = []
-    for norm in (library, ours):
-        out = norm(x)
-        results.append((out, *torch.autograd.grad(out, (x, library.gamma), grad)))
-    for expected, got in zip(*results):
-        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
-    assert torch.all(results[1][0][5] == 0)
-    # for the backward it keeps the input (which the hyper-connection keeps anyway) and one value a row
-    kept = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        ours(x)
-    assert sum(t.numel() for t in kept if t.data_ptr() != x.data_ptr()) <= 6 + 16
-    # and in the input's dtype, as the library's (a bfloat16 model feeds it to bfloat16 matmuls)
-    half = StreamNorm(HyperConnectionsNorm(16).to(torch.bfloat16))
-    assert half(torch.randn(3, 1, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert not any(isinstance(m, HyperConnections) for m in one_stream.modules())
 
 
 @pytest.mark.parametrize("name", BUILDERS)

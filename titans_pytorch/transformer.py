@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from hyper_connections import get_init_and_expand_reduce_stream_functions
-from hyper_connections.hyper_connections import RMSNorm as HyperConnectionsNorm
 from torch import nn
 from tqdm.auto import tqdm
 from x_transformers.autoregressive_wrapper import FILTER_LOGITS_FN
@@ -28,6 +27,7 @@ from .checks import check_non_negative_ints, check_positive_ints
 from .decoding import MAX_GRAPHED_PERIOD, GraphDecoder
 from .neural_memory import NeuralMemory
 from .pretrained import PretrainedMixin
+from .streams import FusedHyperConnections
 
 
 @dataclass
@@ -85,54 +85,12 @@ def build_memories(depth, dim, neural_memory_layers, neural_memory_kwargs, neura
     return memories
 
 
-class _StreamNormFunction(torch.autograd.Function):
-    """`x / max(||x||, eps) * scale * (1 + gamma)` over the last dim, keeping only `x` and one value a
-    row, `r = scale / max(||x||, eps)`, for the backward (autograd through the same ops also keeps
-    the normalised `x`, a copy of the input's size)."""
-
-    @staticmethod
-    def forward(ctx, x, gamma, scale, eps):
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(eps).reciprocal_().mul_(scale)
-        normed = x * r
-        ctx.save_for_backward(x, gamma, r)
-        ctx.scale, ctx.eps = scale, eps
-        return torch.addcmul(normed, normed, gamma)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, gamma, r = ctx.saved_tensors
-        normed = x * r
-        grad_gamma = (grad * normed).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
-        grad_normed = torch.addcmul(grad, grad, gamma)
-        # d normed / dx = r (I - u u^T), u = normed / scale, where the norm is not clamped
-        unclamped = r < ctx.scale / ctx.eps
-        projection = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1)
-        projection.mul_(unclamped.to(r.dtype) / ctx.scale**2)
-        return torch.addcmul(grad_normed, normed, projection, value=-1).mul_(r), grad_gamma, None, None
-
-
-class StreamNorm(nn.Module):
-    """The hyper-connections library's stream norm, `F.normalize(x) * sqrt(d) * (gamma + 1)`, with
-    its parameter (`gamma`, so checkpoints keep their keys) and its result, keeping only its input
-    for the backward. Every hyper-connection normalises all its streams, among the model's largest
-    elementwise ops (docs/performance.md)."""
-
-    EPS = 1e-12  # F.normalize's
-
-    def __init__(self, norm: HyperConnectionsNorm):
-        super().__init__()
-        self.gamma, self.scale = norm.gamma, norm.scale
-
-    def forward(self, x):
-        return _StreamNormFunction.apply(x, self.gamma.to(x.dtype), self.scale, self.EPS)
-
-
-def _hyper_connection(init_hyper_conn, dim, layer_index):
-    """The library's hyper-connection (or plain residual), its stream norm swapped for `StreamNorm`."""
-    connection = init_hyper_conn(dim=dim, layer_index=layer_index)
-    if isinstance(getattr(connection, "norm", None), HyperConnectionsNorm):
-        connection.norm = StreamNorm(connection.norm)
-    return connection
+def _hyper_connection(init_hyper_conn, num_residual_streams, dim, layer_index):
+    """The connection around one branch: the library's plain residual for one stream, else its
+    hyper-connection computed in fewer passes (`streams.FusedHyperConnections`, same parameters)."""
+    if num_residual_streams == 1:
+        return init_hyper_conn(dim=dim, layer_index=layer_index)
+    return FusedHyperConnections(num_residual_streams, dim=dim, layer_index=layer_index)
 
 
 class MemoryGate(nn.Module):
@@ -173,9 +131,9 @@ class TitansTransformer(PretrainedMixin, nn.Module):
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
-                    _hyper_connection(init_hyper_conn, dim, 2 * index),
+                    _hyper_connection(init_hyper_conn, num_residual_streams, dim, 2 * index),
                     mixer,
-                    _hyper_connection(init_hyper_conn, dim, 2 * index + 1),
+                    _hyper_connection(init_hyper_conn, num_residual_streams, dim, 2 * index + 1),
                     SwiGLU(dim, ff_mult),
                 ]
             )
