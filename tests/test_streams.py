@@ -30,9 +30,10 @@ def run(module, forward, x, branch_weight, grad):
 def test_equals_the_librarys_forward_values_and_every_gradient(float64, streams):
     dim, tokens = 16, 7
     fused = connection(streams, dim)
-    scales = torch.tensor([1.0, 1e-3, 1e3, 1.0, 0.0, 1.0, 1.0]).repeat_interleave(streams)
+    # a token's streams at norms below F.normalize's eps (1e-12), where the norm is clamped
+    scales = torch.tensor([1.0, 1e-3, 1e3, 1.0, 1e-14, 1.0, 1.0]).repeat_interleave(streams)
     x = (torch.randn(tokens * streams, 1, dim) * scales.view(-1, 1, 1))
-    x[-1] = 0.0  # one stream of one token all zero: the norm's eps, its gradient
+    x[-1] = 0.0  # and one stream of one token all zero
     x.requires_grad_()
     branch_weight = torch.randn(dim, dim, requires_grad=True)
     grad = torch.randn(tokens * streams, 1, dim)
@@ -43,6 +44,29 @@ def test_equals_the_librarys_forward_values_and_every_gradient(float64, streams)
     for got, expected in zip((ours[0], ours[1], *ours[2]), (library[0], library[1], *library[2])):
         torch.testing.assert_close(got, expected, atol=1e-11, rtol=1e-11)
     assert all(torch.isfinite(g).all() for g in ours[2])
+
+
+def test_half_precision_gradients_stay_finite_at_small_norms():
+    # in float16 1 / ||x||^2 overflows below norms of 1/256; the library's gradients stay finite there
+    fused = connection(4, 64)
+    x = torch.nn.functional.normalize(torch.randn(3 * 4, 1, 64), dim=-1) * torch.tensor([1.0, 3e-3, 1e-3]).repeat_interleave(4).view(-1, 1, 1)
+    grads = {}
+    for dtype in (torch.float16, torch.float64):
+        module, inputs = connection(4, 64).to(dtype), x.to(dtype).requires_grad_()
+        module.load_state_dict(fused.state_dict())
+        branch_input, add_residual = module(inputs)
+        grads[dtype] = torch.autograd.grad(add_residual(branch_input).sum(), inputs)[0]
+    assert torch.isfinite(grads[torch.float16]).all()
+    torch.testing.assert_close(grads[torch.float16].double(), grads[torch.float64], atol=0.05, rtol=0.02)
+
+
+def test_a_second_derivative_is_refused_not_wrong(float64):
+    fused = connection(2, 8)
+    x = torch.randn(3 * 2, 1, 8, requires_grad=True)
+    branch_input, add_residual = fused(x)
+    (grad,) = torch.autograd.grad(add_residual(torch.tanh(branch_input)).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
 
 
 def test_other_layouts_go_through_the_librarys_forward(float64):
@@ -71,8 +95,8 @@ def test_keeps_no_copy_of_the_streams_for_the_backward():
 
 
 def test_streams_keep_their_dtype_under_autocast():
-    # the library's mix is a matmul, which autocast runs in half precision, streams included; the
-    # fused connection keeps the streams in their own dtype (the branch casts its input as it likes)
+    # the library's mix is a matmul, which autocast runs in half precision; the fused connection mixes
+    # in the streams' own dtype (the branch casts its input as it likes)
     fused = connection(2, 16)
     x = torch.randn(3 * 2, 1, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 from hyper_connections.hyper_connections import HyperConnections
+from torch.autograd.function import once_differentiable
 
 
 class _NormalisedProjection(torch.autograd.Function):
@@ -41,6 +42,7 @@ class _NormalisedProjection(torch.autograd.Function):
         return projected / norm.clamp_min(eps)
 
     @staticmethod
+    @once_differentiable  # (its saved norm and projection carry no graph: a second derivative would be wrong)
     def backward(ctx, grad):
         x, weight, norm, projected = ctx.saved_tensors
         inverse = norm.clamp_min(ctx.eps).reciprocal_()
@@ -49,8 +51,11 @@ class _NormalisedProjection(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = x.flatten(0, -2).T @ scaled.flatten(0, -2)
         grad_x = scaled @ weight.T
-        # through the norm, d(1 / ||x||)/dx = -x / ||x||^3, where it is not clamped (zero rows stay zero)
-        through_norm = (scaled * projected).sum(-1, keepdim=True) * inverse.square() * (norm >= ctx.eps).to(x.dtype)
+        # through the norm, d(1 / ||x||)/dx = -x / ||x||^3, where it is not clamped (zero rows stay zero);
+        # its factor 1 / ||x||^2 in float32 at least (in float16 it overflows below norms of 1/256)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        through_norm = (scaled * projected).sum(-1, keepdim=True).to(wide) * inverse.to(wide).square()
+        through_norm = through_norm * (norm >= ctx.eps).to(wide)
         return grad_x.addcmul_(x, through_norm, value=-1), grad_weight, None
 
 
@@ -65,6 +70,7 @@ class _StreamMix(torch.autograd.Function):
         return torch.bmm(mixing[:, :1], x), torch.bmm(mixing[:, 1:], x)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_branch, grad_streams):
         x, alpha = ctx.saved_tensors
         to_branch, to_streams = alpha[..., :1].contiguous(), alpha[..., 1:].contiguous()
@@ -78,8 +84,8 @@ class FusedHyperConnections(HyperConnections):
     (one input view, no fractions, tanh, channels last, no dropout), computed as the module docstring
     says. `connection(x)` with `x ((batch streams), 1, dim)` -> `(branch_input (batch, 1, dim),
     add_residual)`, `add_residual(branch_output (batch, 1, dim)) -> ((batch streams), 1, dim)`, as the
-    library's; any other layout goes through the library's forward. The streams keep their dtype
-    under autocast (the library's mix turns them to half precision there)."""
+    library's (`branch_output` a tensor); any other layout goes through the library's forward. Under
+    autocast the mix runs in the streams' dtype (the library's runs as a half-precision matmul)."""
 
     def __init__(self, num_residual_streams: int, *, dim: int, layer_index: int | None = None):
         super().__init__(num_residual_streams, dim=dim, layer_index=layer_index)
