@@ -56,6 +56,8 @@ if wants models; then
     for model in mag mal lmm; do
         step "bench_$model" "$limit" python benchmarks/bench_mac.py --model "$model" --repeats 2 --decode-contexts 256
     done
+    # the fused hyper-connections against the library's forward (one connection, a decoding step)
+    step bench_hyper_connections "$limit" python benchmarks/bench_mac.py --hyper-connections
 fi
 if wants train; then
     # train_mac.py's base preset with its CUDA graphs (the default) and without: tokens/s and the capture time
