@@ -175,23 +175,17 @@ def print_hyper_connections(device, batch, seq_len, repeats, context=256, steps=
         branch_input, add_residual = forward(x)
         add_residual(branch(branch_input)).backward(grad)
 
-    model = train_model(device).eval()
+    # two copies of the base MAC with the same weights, the second on the library's forward
+    models = {use_library: train_model(device).eval() for use_library in (False, True)}
+    models[True].load_state_dict(models[False].state_dict())
+    library_hyper_connections(models[True])
     ids = torch.randint(0, 256, (1, context), device=device)
     token = torch.randint(0, 256, (1, 1), device=device)
-    caches = {}
+    with torch.no_grad():
+        caches = {use_library: model(ids, return_cache=True)[1] for use_library, model in models.items()}
 
     def decode_step(use_library):
-        if use_library:
-            library_hyper_connections(model)
-        try:
-            caches[use_library] = model(token, cache=caches[use_library], return_cache=True)[1]
-        finally:
-            for module in model.modules():
-                module.__dict__.pop("forward", None)  # back to the class's forward
-
-    with torch.no_grad():
-        for use_library in (False, True):
-            caches[use_library] = model(ids, return_cache=True)[1]
+        caches[use_library] = models[use_library](token, cache=caches[use_library], return_cache=True)[1]
     # (label, run, repeats, with gradients)
     cases = (("one hyper-connection, forward+backward", lambda use_library: one_connection(library if use_library else connection),
               repeats, True),

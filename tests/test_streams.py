@@ -1,6 +1,8 @@
 """`FusedHyperConnections` against the hyper-connections library's own forward: values and every
 gradient in float64, zero streams, the layouts it hands to the library, what it keeps, autocast."""
 
+import copy
+
 import pytest
 import torch
 from hyper_connections.hyper_connections import HyperConnections
@@ -52,8 +54,7 @@ def test_half_precision_gradients_stay_finite_at_small_norms():
     x = torch.nn.functional.normalize(torch.randn(3 * 4, 1, 64), dim=-1) * torch.tensor([1.0, 3e-3, 1e-3]).repeat_interleave(4).view(-1, 1, 1)
     grads = {}
     for dtype in (torch.float16, torch.float64):
-        module, inputs = connection(4, 64).to(dtype), x.to(dtype).requires_grad_()
-        module.load_state_dict(fused.state_dict())
+        module, inputs = copy.deepcopy(fused).to(dtype), x.to(dtype).requires_grad_()
         branch_input, add_residual = module(inputs)
         grads[dtype] = torch.autograd.grad(add_residual(branch_input).sum(), inputs)[0]
     assert torch.isfinite(grads[torch.float16]).all()

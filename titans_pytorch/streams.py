@@ -111,4 +111,3 @@ class FusedHyperConnections(HyperConnections):
                 return torch.baddbmm(mixed, beta, branch).view(residuals.shape)
 
         return branch_input, add_residual
-
