@@ -60,8 +60,8 @@ def switched_off(model, per_token=False, longterm=False, gate=False):
                 out[:, count:] = 0
             return out
 
-        def forward_off(seq, state=None, return_state=False, key_seq=None, original=memory.forward):
-            out, state = original(seq, state=state, return_state=True, key_seq=key_seq)
+        def forward_off(seq, state=None, return_state=False, original=memory.forward, **addressing):
+            out, state = original(seq, state=state, return_state=True, **addressing)
             out = torch.ones_like(out) if gate else out  # normalised: the norm's scale, a constant
             return (out, state) if return_state else out
 
@@ -105,8 +105,8 @@ def keys_from_stored(model):
         if memory is None:
             continue
 
-        def forward(seq, state=None, return_state=False, key_seq=None, original=memory.forward):
-            return original(seq, state=state, return_state=return_state)
+        def forward(seq, state=None, return_state=False, key_seq=None, addresses=None, original=memory.forward):
+            return original(seq, state=state, return_state=return_state)  # keys and queries from seq
 
         memory.forward = forward
         patched.append(memory)

@@ -85,7 +85,7 @@ def test_memory_stores_the_stream_after_attention(float64):
             lambda m, args, out, i=index: seen.setdefault(("attn", i), []).append(out)
         )
         mixer.memory.register_forward_pre_hook(
-            lambda m, args, kwargs, i=index: seen.setdefault(("stored", i), []).append((args[0], kwargs["key_seq"])),
+            lambda m, args, kwargs, i=index: seen.setdefault(("stored", i), []).append((args[0], kwargs["addresses"].keys)),
             with_kwargs=True,
         )
     model(torch.randint(0, 32, (2, 10)))  # 3 segment pieces of 4, 4, 2 tokens
@@ -93,10 +93,14 @@ def test_memory_stores_the_stream_after_attention(float64):
         x = seen[("x", index)][0]
         attn = torch.cat(seen[("attn", index)], dim=1)
         stored = torch.cat([values for values, _ in seen[("stored", index)]], dim=1)
-        keys = torch.cat([keys for _, keys in seen[("stored", index)]], dim=1)
+        keys = torch.cat([keys for _, keys in seen[("stored", index)]], dim=2)
         assert attn.abs().max() > 1e-3  # the attention branch is not trivially zero
         torch.testing.assert_close(stored, x + attn, atol=1e-12, rtol=0)
-        torch.testing.assert_close(keys, x, atol=0, rtol=0)  # addressed by the tokens
+        # addressed by the tokens: the keys the memory is given are those of x (computed once, before the pieces)
+        memory = model.layers[index][1].memory
+        torch.testing.assert_close(keys, memory.addresses(x).keys, atol=0, rtol=0)
+        from_stored, _, _, _ = memory._keys_values_gates(memory.norm(x + attn), memory.init_state(2, dtype=x.dtype))
+        assert not torch.allclose(keys, from_stored)
 
 
 def test_gated_read_is_the_attention_gating_the_memory_read(float64):

@@ -91,6 +91,54 @@ def test_streaming_equals_one_call(float64, chunk_size):
         torch.testing.assert_close(state.weights[name], weight, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("conv_kernel_size,value_l2norm", [(4, True), (None, True), (4, False)])
+def test_pieces_written_at_addresses_equal_one_call_with_key_seq(float64, conv_kernel_size, value_l2norm):
+    # memory as context: keys and queries of a whole call from the tokens, computed once
+    # (`addresses`), then values written piece by piece, continuing a state from an earlier call;
+    # the same outputs, state (conv caches included) and gradients as one call with key_seq
+    mem = small_memory(chunk_size=4, conv_kernel_size=conv_kernel_size, value_l2norm=value_l2norm)
+    seq = torch.randn(2, 30, 8, requires_grad=True)
+    tokens = torch.randn(2, 30, 8, requires_grad=True)
+    _, before = mem(torch.randn(2, 7, 8), return_state=True)  # a state mid-chunk, with conv caches
+    before = before.detach()
+    whole, whole_state = mem(seq, state=before, return_state=True, key_seq=tokens)
+
+    sizes = [5, 11, 1, 13]
+    addresses = mem.addresses(tokens, before)
+    torch.testing.assert_close(addresses.read_queries, mem.read_queries(tokens)[1], atol=0, rtol=0)
+    state, outputs = before, []
+    for piece, seq_piece in zip(addresses.split(sizes), seq.split(sizes, dim=1)):
+        out, state = mem(seq_piece, state=state, return_state=True, addresses=piece)
+        outputs.append(out)
+    pieces = torch.cat(outputs, dim=1)
+    torch.testing.assert_close(pieces, whole, atol=1e-12, rtol=0)
+    torch.testing.assert_close(state.flat, whole_state.flat, atol=1e-12, rtol=0)
+    assert state.position == whole_state.position == 37
+    assert set(state.conv) == set(whole_state.conv) == ({"query", "key", "value"} if conv_kernel_size else set())
+    for name, cache in whole_state.conv.items():
+        torch.testing.assert_close(state.conv[name], cache, atol=0, rtol=0)
+    weights = torch.randn_like(whole)
+    expected = torch.autograd.grad((whole * weights).sum(), (seq, tokens, *mem.parameters()), allow_unused=True)
+    got = torch.autograd.grad((pieces * weights).sum(), (seq, tokens, *mem.parameters()), allow_unused=True)
+    for (name, _), e, g in zip([("seq", 0), ("tokens", 0), *mem.named_parameters()], expected, got):
+        assert (e is None) == (g is None), name
+        if e is not None:
+            torch.testing.assert_close(g, e, atol=1e-12, rtol=0, msg=name)
+
+
+def test_bad_addresses_raise():
+    mem = small_memory()
+    addresses = mem.addresses(torch.randn(2, 10, 8))
+    with pytest.raises(ValueError, match="not both"):
+        mem(torch.randn(2, 10, 8), key_seq=torch.randn(2, 10, 8), addresses=addresses)
+    with pytest.raises(ValueError, match="Addresses of the 6 tokens"):
+        mem(torch.randn(2, 6, 8), addresses=addresses)
+    with pytest.raises(ValueError, match="Addresses of the 10 tokens of seq's 3 sequences"):
+        mem(torch.randn(3, 10, 8), addresses=addresses)
+    with pytest.raises(ValueError, match="dim=8"):
+        mem.addresses(torch.randn(2, 10, 7))
+
+
 def delta_rule_loop(mem, seq):
     """Linear memory without momentum is a gated delta rule on the gradient point:
     W <- a_t W + beta_t k_t^T (v_t - k_t W_point), beta_t = 2 theta_t, read o_t = q_t W_chunk_start."""
@@ -294,7 +342,8 @@ def test_short_pieces_of_the_causal_convolution_equal_the_convolution(float64):
     torch.testing.assert_close(full, expected, atol=1e-12, rtol=0)
     outputs, start = [], 0
     for length in (1, 16, 17, 3, 23):
-        out, cache = conv(x[:, start : start + length], cache)
+        out, inputs = conv(x[:, start : start + length], cache)
+        cache = inputs[:, length:]
         outputs.append(out)
         start += length
     streamed = torch.cat(outputs, dim=1)

@@ -11,6 +11,11 @@ from .neural_memory import NeuralMemory
 from .transformer import MemoryGate, MixerCache, TitansTransformer, build_memories
 
 
+def _joined(pieces):
+    """The pieces' outputs `(b, n_i, dim)` joined along the sequence (one piece: itself, no copy)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
 class MemoryAsContextMixer(nn.Module):
     """One MAC sequence mixer. For each segment `s` of `segment_len` tokens, with `M_{s-1}` the
     memory as it stood before the segment:
@@ -82,12 +87,12 @@ class MemoryAsContextMixer(nn.Module):
         x_pieces, normed = split(x), split(normed)
         persistent = None  # without a memory: every segment's prefix of persistent tokens, projected at once
         if self.memory is not None:
-            # the memory's read queries of every token and of the long-term query tokens, projected once
-            read_x, read_queries = self.memory.read_queries(x)
-            read_x, read_queries = split(read_x), split(read_queries, 2)
+            # the memory's keys and queries of every token, projected and convolved once (each piece's
+            # values come from its attention output), and those of the long-term query tokens
+            addresses = self.memory.addresses(x, memory_state).split([end - start for start, end in pieces])
             if self.longterm_queries is not None:
                 longterm_x, longterm_queries = self.memory.read_queries(self.longterm_queries.to(x.dtype).expand(batch, -1, -1))
-        outputs = []
+        outputs, memory_reads = [], []
         for index, (start, end) in enumerate(pieces):
             piece_position = position + start
             # a segment starts here, or this is the first piece a fresh cache sees (the prefix is None
@@ -104,7 +109,7 @@ class MemoryAsContextMixer(nn.Module):
                     segment_memory = memory_state  # M_{s-1}
                 # one read at M_{s-1}: h_t = M_{s-1}(q_t) for the piece's tokens and, at a segment's
                 # start, the long-term tokens
-                reads_x, reads_queries = read_x[index], read_queries[index]
+                reads_x, reads_queries = addresses[index].normed, addresses[index].read_queries
                 longterm = new_segment and self.longterm_queries is not None
                 if longterm:
                     reads_x = torch.cat((longterm_x, reads_x), dim=1)
@@ -132,12 +137,15 @@ class MemoryAsContextMixer(nn.Module):
                 attended = x_pieces[index] + y
                 # ... addressed by the tokens: keys and queries from x (as h_t's queries), values from y
                 memory_read, memory_state = self.memory(attended, state=memory_state, return_state=True,
-                                                        key_seq=x_pieces[index])
-                y = self.gate(y, memory_read)
+                                                        addresses=addresses[index])
+                memory_reads.append(memory_read)
             outputs.append(y)
         if prefix is not None:  # a cache holds its own memory (the persistent prefixes are batch-expanded views)
             prefix = tuple(t.contiguous() for t in prefix)
-        return torch.cat(outputs, dim=1), MixerCache(attn_cache, memory_state, prefix, segment_memory)
+        out = _joined(outputs)
+        if self.memory is not None:  # the gated read, token by token: once for all the pieces
+            out = self.gate(out, _joined(memory_reads))
+        return out, MixerCache(attn_cache, memory_state, prefix, segment_memory)
 
 
 class MemoryAsContextTransformer(TitansTransformer):

@@ -30,8 +30,8 @@ class NeuralMemoryState:
       `(batch, heads)` (`momentum` is None when momentum is off);
     - `pending`: keys, values and gates `(batch, heads, p, ...)` of the `p < chunk_size`
       tokens of a chunk that is not complete yet (they are stored once it is), or None;
-    - `conv`: the last `kernel - 1` inputs of each causal convolution (`"query"`,
-      `"key_value"`), so that a sequence split across calls is convolved as one;
+    - `conv`: the last `kernel - 1` inputs of each causal convolution (`"query"`, `"key"`,
+      `"value"`), so that a sequence split across calls is convolved as one;
     - `position`: how many tokens have been stored (including pending ones).
 
     `detach()` cuts the autograd history (truncated backprop across training steps).
@@ -68,6 +68,11 @@ class NeuralMemoryState:
         return self.flat.shape[0]
 
 
+# a state's caches of the causal convolutions: the queries', the keys' and the values' (keys and
+# values share one convolution module, its channels the keys' then the values')
+CONV_CACHES = ("query", "key", "value")
+
+
 def l2_normalize(x, eps: float = 1e-12):
     """`F.normalize(x, dim=-1)`, `x / max(||x||, eps)`, from a dot product per row (`linalg.vecdot`,
     a multiply and a sum at the aten level): on the token-major layout it measured about half the
@@ -90,15 +95,55 @@ class CausalDepthwiseConv(nn.Module):
     # windows instead: on a CPU a depthwise convolution costs about 100 us a call however short
     SHORT = 16
 
-    def forward(self, x, cache):
-        """x `(b, n, channels)`, cache `(b, kernel - 1, channels)` -> (out, new cache)."""
+    def forward(self, x, cache, channels: slice | None = None):
+        """x `(b, n, c)`, cache `(b, kernel - 1, c)` -> (out `(b, n, c)`, the inputs with the cache in
+        front `(b, kernel - 1 + n, c)`: the cache after the first `i` tokens is `inputs[:, i : i + kernel - 1]`).
+        `channels`: only these of the module's channels (x and cache have only those)."""
+        weight = self.conv.weight if channels is None else self.conv.weight[channels]
         new = x.shape[1]
         x = torch.cat((cache.to(x.dtype), x), dim=1)
         if new <= self.SHORT:  # (b, n, channels, kernel) windows times the (channels, kernel) filters
-            out = (x.unfold(1, self.kernel_size, 1) * self.conv.weight[:, 0].to(x.dtype)).sum(-1)
+            out = (x.unfold(1, self.kernel_size, 1) * weight[:, 0].to(x.dtype)).sum(-1)
         else:
-            out = self.conv(x.transpose(1, 2)).transpose(1, 2)
-        return out, x[:, x.shape[1] - (self.kernel_size - 1) :]
+            out = F.conv1d(x.transpose(1, 2), weight, groups=weight.shape[0]).transpose(1, 2)
+        return out, x
+
+
+@dataclass
+class Addresses:
+    """The keys and queries of a stretch of tokens, computed once for a memory that then writes the
+    stretch piece by piece (memory as context: keys and queries come from the tokens, values from
+    each segment's attention output). From `NeuralMemory.addresses`; `split(sizes)` cuts it into the
+    pieces' for `NeuralMemory.forward(..., addresses=)`.
+
+    - `normed`: the normed tokens `(b, n, dim)`;
+    - `read_queries`: the queries without the convolution `(b, h, n, d)` (as `read_queries`'s);
+    - `queries`, `keys`: as `forward` computes them from `key_seq`, `(b, h, n, d)`;
+    - `conv_inputs`: the query and key convolutions' inputs with their caches in front,
+      `{"query": (b, kernel - 1 + n, h d), "key": ...}` (empty without convolutions), shared by the pieces;
+    - `end`: where the stretch (or piece) ends in them, so that its caches are `conv_caches`.
+    """
+
+    normed: torch.Tensor
+    read_queries: torch.Tensor
+    queries: torch.Tensor
+    keys: torch.Tensor
+    conv_inputs: dict
+    end: int
+
+    def split(self, sizes) -> list["Addresses"]:
+        """The consecutive pieces of `sizes` tokens, each tensor cut by one split (autograd then
+        joins the pieces' gradients once, rather than a full-size zero tensor per piece)."""
+        sizes = list(sizes)
+        start = self.end - self.normed.shape[1]
+        ends = [start + sum(sizes[: i + 1]) for i in range(len(sizes))]
+        parts = zip(self.normed.split(sizes, 1), self.read_queries.split(sizes, 2), self.queries.split(sizes, 2),
+                    self.keys.split(sizes, 2))
+        return [Addresses(*tensors, self.conv_inputs, end) for tensors, end in zip(parts, ends)]
+
+    def conv_caches(self, width: int) -> dict:
+        """The query and key convolutions' caches after the stretch (or piece)."""
+        return {name: t[:, self.end : self.end + width] for name, t in self.conv_inputs.items()}
 
 
 class NeuralMemory(nn.Module):
@@ -217,10 +262,7 @@ class NeuralMemory(nn.Module):
         if self.conv_kernel_size:
             width = self.conv_kernel_size - 1
             inner = self.heads * self.dim_head
-            conv = {
-                "query": torch.zeros(batch, width, inner, device=device, dtype=dtype),
-                "key_value": torch.zeros(batch, width, 2 * inner, device=device, dtype=dtype),
-            }
+            conv = {name: torch.zeros(batch, width, inner, device=device, dtype=dtype) for name in CONV_CACHES}
         return NeuralMemoryState(torch.stack(rows, dim=2), layout, None, conv, 0)
 
     def _check_input(self, seq, name="seq"):
@@ -246,7 +288,7 @@ class NeuralMemory(nn.Module):
             )
         if (state.flat.shape[2] == 2) != (self.to_momentum is not None):
             raise ValueError("state does not belong to this memory: momentum is on in one and off in the other")
-        if set(state.conv) != ({"query", "key_value"} if self.conv_kernel_size else set()):
+        if set(state.conv) != (set(CONV_CACHES) if self.conv_kernel_size else set()):
             raise ValueError("state does not belong to this memory: its convolution caches differ")
         return state
 
@@ -258,24 +300,31 @@ class NeuralMemory(nn.Module):
             queries = F.silu(queries)
         conv = dict(state.conv) if state is not None else {}
         if self.conv_kernel_size and convolve:
-            queries, conv["query"] = self.query_conv(queries, state.conv["query"])
+            queries, inputs = self.query_conv(queries, state.conv["query"])
+            conv["query"] = inputs[:, queries.shape[1] :]
+        return self._query_heads(queries), conv
+
+    def _query_heads(self, queries):
+        """Projected queries `(b, n, h d)` -> per head, L2-normalised with `qk_l2norm`, `(b, h, n, d)`."""
         queries = queries.unflatten(-1, (self.heads, self.dim_head))
         if self.qk_l2norm:
             queries = l2_normalize(queries)
-        return queries.transpose(1, 2), conv
+        return queries.transpose(1, 2)
 
     def _keys_values_gates(self, x, state, key_x=None):
+        inner = self.heads * self.dim_head
         if key_x is None:
             keys_values = self.to_keys_values(x)
         else:  # keys from key_x, values (and gates) from x
-            inner = self.heads * self.dim_head
             weight = self.to_keys_values.weight
             keys_values = torch.cat((F.linear(key_x, weight[:inner]), F.linear(x, weight[inner:])), dim=-1)
         if self.qkv_activation:
             keys_values = F.silu(keys_values)
         conv = dict(state.conv)
         if self.conv_kernel_size:
-            keys_values, conv["key_value"] = self.key_value_conv(keys_values, state.conv["key_value"])
+            cache = torch.cat((state.conv["key"], state.conv["value"]), dim=-1)
+            keys_values, inputs = self.key_value_conv(keys_values, cache)
+            conv["key"], conv["value"] = inputs[:, keys_values.shape[1] :].split(inner, dim=-1)
         keys_values = keys_values.unflatten(-1, (2, self.heads, self.dim_head))  # (b, n, 2, h, d)
         if self.qk_l2norm and self.value_l2norm:
             keys_values = l2_normalize(keys_values)  # both in one op
@@ -285,13 +334,33 @@ class NeuralMemory(nn.Module):
         if self.value_l2norm and not self.qk_l2norm:
             values = l2_normalize(values)
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (b, h, n, d)
+        return keys, values, self._gates(x), conv
+
+    def _values_gates(self, x, state, addresses):
+        """`_keys_values_gates` with the keys computed beforehand (a piece's `addresses`): the values
+        and gates of `x`, and the convolutions' caches after the piece."""
+        inner = self.heads * self.dim_head
+        values = F.linear(x, self.to_keys_values.weight[inner:])
+        if self.qkv_activation:
+            values = F.silu(values)
+        conv = {}
+        if self.conv_kernel_size:
+            values, inputs = self.key_value_conv(values, state.conv["value"], channels=slice(inner, None))
+            conv = {**addresses.conv_caches(self.conv_kernel_size - 1), "value": inputs[:, values.shape[1] :]}
+        values = values.unflatten(-1, (self.heads, self.dim_head))
+        if self.value_l2norm:
+            values = l2_normalize(values)
+        return values.transpose(1, 2), self._gates(x), conv
+
+    def _gates(self, x):
+        """The gates of `x (b, n, dim)`, per token and head `(b, h, n)`: theta, log eta, log (1 - alpha)."""
         to_heads = lambda t: rearrange(t, "b n h -> b h n")  # noqa: E731
         gates = {"lr": self.max_lr * torch.sigmoid(to_heads(self.to_lr(x)))}
         if self.to_momentum is not None:
             gates["log_momentum"] = F.logsigmoid(to_heads(self.to_momentum(x)))  # log eta
         if self.to_forget is not None:
             gates["log_retain"] = F.logsigmoid(-to_heads(self.to_forget(x)))  # log (1 - alpha)
-        return keys, values, gates, conv
+        return gates
 
     def _output(self, retrieved, x):
         """retrieved `(b, h, n, d)` -> `(b, n, dim)`: per-head RMSNorm, gate, merge, project."""
@@ -362,28 +431,63 @@ class NeuralMemory(nn.Module):
 
     # ------------------------------------------------------------- public API
 
-    def forward(self, seq, state: NeuralMemoryState | None = None, return_state: bool = False, key_seq=None):
+    def forward(self, seq, state: NeuralMemoryState | None = None, return_state: bool = False, key_seq=None,
+                addresses: Addresses | None = None):
         """seq `(batch, seq_len, dim)` -> retrieved `(batch, seq_len, dim)` [, state].
 
         With `key_seq` (same shape), the keys and the queries are computed from `key_seq` and the
         values and gates from `seq`: the memory stores `seq` addressed by `key_seq` (memory as
-        context stores the attention output, addressed by the tokens)."""
+        context stores the attention output, addressed by the tokens). With `addresses` instead
+        (`self.addresses(key_seq, state)`, or one of its pieces), they were computed beforehand,
+        once for a longer stretch that is then written piece by piece."""
         self._check_input(seq)
         state = self._check_state(state, seq.shape[0], seq.device, self._inner_dtype(seq.dtype))
         x = self.norm(seq)
-        key_x = None
-        if key_seq is not None:
-            self._check_input(key_seq, "key_seq")
-            if key_seq.shape != seq.shape:
-                raise ValueError(f"key_seq must have the shape of seq {tuple(seq.shape)}, got {tuple(key_seq.shape)}")
-            key_x = self.norm(key_seq)
-        queries, conv = self._queries(x if key_x is None else key_x, state)
-        keys, values, gates, conv = self._keys_values_gates(x, replace(state, conv=conv), key_x)
+        if addresses is not None:
+            if key_seq is not None:
+                raise ValueError("give key_seq or addresses, not both")
+            if not isinstance(addresses, Addresses) or addresses.keys.shape[::2] != seq.shape[:2]:
+                raise ValueError(f"addresses must be the Addresses of the {seq.shape[1]} tokens of seq's {seq.shape[0]} "
+                                 "sequences (NeuralMemory.addresses, or one of its pieces)")
+            keys, queries = addresses.keys, addresses.queries
+            values, gates, conv = self._values_gates(x, state, addresses)
+        else:
+            key_x = None
+            if key_seq is not None:
+                self._check_input(key_seq, "key_seq")
+                if key_seq.shape != seq.shape:
+                    raise ValueError(f"key_seq must have the shape of seq {tuple(seq.shape)}, got {tuple(key_seq.shape)}")
+                key_x = self.norm(key_seq)
+            queries, conv = self._queries(x if key_x is None else key_x, state)
+            keys, values, gates, conv = self._keys_values_gates(x, replace(state, conv=conv), key_x)
         with torch.autocast(seq.device.type, enabled=False):
             state, retrieved = self._advance(state, keys, values, gates, queries)
         state = replace(state, conv=conv)
         out = self._output(retrieved, x)
         return (out, state) if return_state else out
+
+    def addresses(self, key_seq, state: NeuralMemoryState | None = None) -> Addresses:
+        """The keys and queries of `key_seq (batch, n, dim)` continuing `state` (None: the initial
+        memory), as `forward(seq, state, key_seq=key_seq)` computes them, for a caller that writes
+        the stretch piece by piece, `forward(piece, state, addresses=...)` with each piece's
+        (`Addresses.split`). Memory as context computes them once per call, and reads its
+        retrieved tokens with the same normed tokens and unconvolved queries (`normed`, `read_queries`)."""
+        self._check_input(key_seq, "key_seq")
+        state = self._check_state(state, key_seq.shape[0], key_seq.device, self._inner_dtype(key_seq.dtype))
+        inner = self.heads * self.dim_head
+        x = self.norm(key_seq)
+        queries, keys = self.to_queries(x), F.linear(x, self.to_keys_values.weight[:inner])
+        if self.qkv_activation:
+            queries, keys = F.silu(queries), F.silu(keys)
+        read_queries = self._query_heads(queries)
+        conv_inputs = {}
+        if self.conv_kernel_size:
+            queries, conv_inputs["query"] = self.query_conv(queries, state.conv["query"])
+            keys, conv_inputs["key"] = self.key_value_conv(keys, state.conv["key"], channels=slice(0, inner))
+        keys = keys.unflatten(-1, (self.heads, self.dim_head))
+        if self.qk_l2norm:
+            keys = l2_normalize(keys)
+        return Addresses(x, read_queries, self._query_heads(queries), keys.transpose(1, 2), conv_inputs, key_seq.shape[1])
 
     def retrieve(self, seq, state: NeuralMemoryState | None = None, convolve: bool = True):
         """Read the memory without writing: seq `(batch, n, dim)` -> `(retrieved, state)`.
