@@ -114,9 +114,16 @@ def test_pieces_written_at_addresses_equal_one_call_with_key_seq(float64, conv_k
     torch.testing.assert_close(pieces, whole, atol=1e-12, rtol=0)
     torch.testing.assert_close(state.flat, whole_state.flat, atol=1e-12, rtol=0)
     assert state.position == whole_state.position == 37
+    for name, pending in whole_state.pending.items():  # 37 tokens: one pending after 9 chunks of 4
+        torch.testing.assert_close(state.pending[name], pending, atol=1e-12, rtol=0)
     assert set(state.conv) == set(whole_state.conv) == ({"query", "key", "value"} if conv_kernel_size else set())
     for name, cache in whole_state.conv.items():
         torch.testing.assert_close(state.conv[name], cache, atol=0, rtol=0)
+        # a state keeps its caches, not the whole stretch's convolution inputs (33 rows of each sequence;
+        # at most the last piece's 16 for the values, and key and value caches side by side in one call)
+        row = cache[0, 0].numel() * cache.element_size()
+        assert cache.untyped_storage().nbytes() <= 2 * 16 * 2 * row
+        assert state.conv[name].untyped_storage().nbytes() <= 2 * 16 * 2 * row
     weights = torch.randn_like(whole)
     expected = torch.autograd.grad((whole * weights).sum(), (seq, tokens, *mem.parameters()), allow_unused=True)
     got = torch.autograd.grad((pieces * weights).sum(), (seq, tokens, *mem.parameters()), allow_unused=True)
@@ -131,10 +138,20 @@ def test_bad_addresses_raise():
     addresses = mem.addresses(torch.randn(2, 10, 8))
     with pytest.raises(ValueError, match="not both"):
         mem(torch.randn(2, 10, 8), key_seq=torch.randn(2, 10, 8), addresses=addresses)
-    with pytest.raises(ValueError, match="Addresses of the 6 tokens"):
+    with pytest.raises(TypeError, match="got Tensor"):
+        mem(torch.randn(2, 10, 8), addresses=addresses.keys)
+    with pytest.raises(ValueError, match="seq's 6 tokens of 2 sequences.*got those of 10 tokens of 2"):
         mem(torch.randn(2, 6, 8), addresses=addresses)
-    with pytest.raises(ValueError, match="Addresses of the 10 tokens of seq's 3 sequences"):
+    with pytest.raises(ValueError, match="seq's 10 tokens of 3 sequences.*got those of 10 tokens of 2"):
         mem(torch.randn(3, 10, 8), addresses=addresses)
+    with pytest.raises(ValueError, match="2 heads of 8.*got those of 10 tokens of 2 sequences, 2 heads of 4"):
+        small_memory(dim_head=8)(torch.randn(2, 10, 8), addresses=addresses)
+    first, second = addresses.split([4, 6])
+    _, state = mem(torch.randn(2, 4, 8), addresses=first, return_state=True)
+    with pytest.raises(ValueError, match="position 0 but the state is at 4"):
+        mem(torch.randn(2, 4, 8), state=state, addresses=first)  # a piece written twice
+    with pytest.raises(ValueError, match="position 4 but the state is at 0"):
+        mem(torch.randn(2, 6, 8), addresses=second)  # out of order
     with pytest.raises(ValueError, match="dim=8"):
         mem.addresses(torch.randn(2, 10, 7))
 

@@ -1,11 +1,12 @@
 """Titans: Learning to Memorize at Test Time, in PyTorch."""
 
 from .memory_models import LinearMemory, MemoryMLP, ResidualNormMemory, validate_memory_model
-from .neural_memory import NeuralMemory, NeuralMemoryState
+from .neural_memory import Addresses, NeuralMemory, NeuralMemoryState
 
 __all__ = [
     "NeuralMemory",
     "NeuralMemoryState",
+    "Addresses",
     "LinearMemory",
     "MemoryMLP",
     "ResidualNormMemory",

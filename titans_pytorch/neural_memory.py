@@ -109,6 +109,14 @@ class CausalDepthwiseConv(nn.Module):
         return out, x
 
 
+def conv_cache(inputs, new: int, width: int):
+    """The cache after the first `new` tokens of a convolution's `inputs` (cache in front,
+    `(b, width + n, c)`): a copy when they hold more than a decoding step's worth (so that a state
+    does not keep a whole call's inputs alive), else a view (a decoding step dispatches nothing for it)."""
+    cache = inputs[:, new : new + width]
+    return cache.clone() if inputs.shape[1] > width + CausalDepthwiseConv.SHORT else cache
+
+
 @dataclass
 class Addresses:
     """The keys and queries of a stretch of tokens, computed once for a memory that then writes the
@@ -121,7 +129,9 @@ class Addresses:
     - `queries`, `keys`: as `forward` computes them from `key_seq`, `(b, h, n, d)`;
     - `conv_inputs`: the query and key convolutions' inputs with their caches in front,
       `{"query": (b, kernel - 1 + n, h d), "key": ...}` (empty without convolutions), shared by the pieces;
-    - `end`: where the stretch (or piece) ends in them, so that its caches are `conv_caches`.
+    - `end`: where the stretch (or piece) ends in them, so that its caches are `conv_caches`;
+    - `position`: the memory's position at the stretch's (or piece's) first token: a piece is
+      written from a state at that position (in order, each once).
     """
 
     normed: torch.Tensor
@@ -130,19 +140,28 @@ class Addresses:
     keys: torch.Tensor
     conv_inputs: dict
     end: int
+    position: int
 
     def split(self, sizes) -> list["Addresses"]:
         """The consecutive pieces of `sizes` tokens, each tensor cut by one split (autograd then
         joins the pieces' gradients once, rather than a full-size zero tensor per piece)."""
         sizes = list(sizes)
-        start = self.end - self.normed.shape[1]
-        ends = [start + sum(sizes[: i + 1]) for i in range(len(sizes))]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        first = self.end - self.normed.shape[1]
         parts = zip(self.normed.split(sizes, 1), self.read_queries.split(sizes, 2), self.queries.split(sizes, 2),
                     self.keys.split(sizes, 2))
-        return [Addresses(*tensors, self.conv_inputs, end) for tensors, end in zip(parts, ends)]
+        return [Addresses(*tensors, self.conv_inputs, first + start + size, self.position + start)
+                for tensors, start, size in zip(parts, starts, sizes)]
+
+    def ends_stretch(self, width: int) -> bool:
+        """Whether this piece is the stretch's last (its state is the one a caller keeps)."""
+        return all(self.end + width == t.shape[1] for t in self.conv_inputs.values())
 
     def conv_caches(self, width: int) -> dict:
-        """The query and key convolutions' caches after the stretch (or piece)."""
+        """The query and key convolutions' caches after the stretch (or piece): views into the whole
+        stretch's inputs, but for its last piece, whose `conv_cache` copies them out of a long call."""
+        if self.ends_stretch(width):
+            return {name: conv_cache(t, self.end, width) for name, t in self.conv_inputs.items()}
         return {name: t[:, self.end : self.end + width] for name, t in self.conv_inputs.items()}
 
 
@@ -301,7 +320,7 @@ class NeuralMemory(nn.Module):
         conv = dict(state.conv) if state is not None else {}
         if self.conv_kernel_size and convolve:
             queries, inputs = self.query_conv(queries, state.conv["query"])
-            conv["query"] = inputs[:, queries.shape[1] :]
+            conv["query"] = conv_cache(inputs, queries.shape[1], self.conv_kernel_size - 1)
         return self._query_heads(queries), conv
 
     def _query_heads(self, queries):
@@ -324,7 +343,7 @@ class NeuralMemory(nn.Module):
         if self.conv_kernel_size:
             cache = torch.cat((state.conv["key"], state.conv["value"]), dim=-1)
             keys_values, inputs = self.key_value_conv(keys_values, cache)
-            conv["key"], conv["value"] = inputs[:, keys_values.shape[1] :].split(inner, dim=-1)
+            conv["key"], conv["value"] = conv_cache(inputs, keys_values.shape[1], self.conv_kernel_size - 1).split(inner, dim=-1)
         keys_values = keys_values.unflatten(-1, (2, self.heads, self.dim_head))  # (b, n, 2, h, d)
         if self.qk_l2norm and self.value_l2norm:
             keys_values = l2_normalize(keys_values)  # both in one op
@@ -346,7 +365,11 @@ class NeuralMemory(nn.Module):
         conv = {}
         if self.conv_kernel_size:
             values, inputs = self.key_value_conv(values, state.conv["value"], channels=slice(inner, None))
-            conv = {**addresses.conv_caches(self.conv_kernel_size - 1), "value": inputs[:, values.shape[1] :]}
+            width = self.conv_kernel_size - 1
+            value_cache = inputs[:, values.shape[1] :]  # the next piece's: a view (the pieces are short)
+            if addresses.ends_stretch(width):
+                value_cache = conv_cache(inputs, values.shape[1], width)
+            conv = {**addresses.conv_caches(width), "value": value_cache}
         values = values.unflatten(-1, (self.heads, self.dim_head))
         if self.value_l2norm:
             values = l2_normalize(values)
@@ -446,9 +469,7 @@ class NeuralMemory(nn.Module):
         if addresses is not None:
             if key_seq is not None:
                 raise ValueError("give key_seq or addresses, not both")
-            if not isinstance(addresses, Addresses) or addresses.keys.shape[::2] != seq.shape[:2]:
-                raise ValueError(f"addresses must be the Addresses of the {seq.shape[1]} tokens of seq's {seq.shape[0]} "
-                                 "sequences (NeuralMemory.addresses, or one of its pieces)")
+            self._check_addresses(addresses, seq, state)
             keys, queries = addresses.keys, addresses.queries
             values, gates, conv = self._values_gates(x, state, addresses)
         else:
@@ -465,6 +486,19 @@ class NeuralMemory(nn.Module):
         state = replace(state, conv=conv)
         out = self._output(retrieved, x)
         return (out, state) if return_state else out
+
+    def _check_addresses(self, addresses, seq, state):
+        expected = (f"the Addresses of seq's {seq.shape[1]} tokens of {seq.shape[0]} sequences, {self.heads} heads of "
+                    f"{self.dim_head} (NeuralMemory.addresses, or one of its pieces)")
+        if not isinstance(addresses, Addresses):
+            raise TypeError(f"addresses must be {expected}, got {type(addresses).__name__}")
+        batch, heads, length, dim_head = addresses.keys.shape
+        if (batch, length, heads, dim_head) != (seq.shape[0], seq.shape[1], self.heads, self.dim_head):
+            raise ValueError(f"addresses must be {expected}, got those of {length} tokens of {batch} sequences, "
+                             f"{heads} heads of {dim_head}")
+        if addresses.position != state.position:
+            raise ValueError(f"addresses start at position {addresses.position} but the state is at {state.position}: "
+                             "write the pieces in order, each once, from the state the stretch began at")
 
     def addresses(self, key_seq, state: NeuralMemoryState | None = None) -> Addresses:
         """The keys and queries of `key_seq (batch, n, dim)` continuing `state` (None: the initial
@@ -487,7 +521,8 @@ class NeuralMemory(nn.Module):
         keys = keys.unflatten(-1, (self.heads, self.dim_head))
         if self.qk_l2norm:
             keys = l2_normalize(keys)
-        return Addresses(x, read_queries, self._query_heads(queries), keys.transpose(1, 2), conv_inputs, key_seq.shape[1])
+        return Addresses(x, read_queries, self._query_heads(queries), keys.transpose(1, 2), conv_inputs, key_seq.shape[1],
+                         state.position)
 
     def retrieve(self, seq, state: NeuralMemoryState | None = None, convolve: bool = True):
         """Read the memory without writing: seq `(batch, n, dim)` -> `(retrieved, state)`.
