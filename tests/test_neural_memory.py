@@ -102,6 +102,13 @@ def test_pieces_written_at_addresses_equal_one_call_with_key_seq(float64, conv_k
     _, before = mem(torch.randn(2, 7, 8), return_state=True)  # a state mid-chunk, with conv caches
     before = before.detach()
     whole, whole_state = mem(seq, state=before, return_state=True, key_seq=tokens)
+    # addressed by its own tokens, it is the plain forward (keys and values from one projection, one convolution)
+    own, own_state = mem(seq, state=before, return_state=True, key_seq=seq)
+    plain, plain_state = mem(seq, state=before, return_state=True)
+    torch.testing.assert_close(own, plain, atol=1e-12, rtol=0)
+    torch.testing.assert_close(own_state.flat, plain_state.flat, atol=1e-12, rtol=0)
+    for name, cache in plain_state.conv.items():  # (one projection there, the keys' and values' apart here)
+        torch.testing.assert_close(own_state.conv[name], cache, atol=1e-12, rtol=0)
 
     sizes = [5, 11, 1, 13]
     addresses = mem.addresses(tokens, before)

@@ -109,12 +109,13 @@ class CausalDepthwiseConv(nn.Module):
         return out, x
 
 
-def conv_cache(inputs, new: int, width: int):
+def conv_cache(inputs, new: int, width: int, kept: bool = True):
     """The cache after the first `new` tokens of a convolution's `inputs` (cache in front,
-    `(b, width + n, c)`): a copy when they hold more than a decoding step's worth (so that a state
-    does not keep a whole call's inputs alive), else a view (a decoding step dispatches nothing for it)."""
+    `(b, width + n, c)`). For a state a caller keeps (`kept`), a copy when the inputs hold more than a
+    decoding step's worth (so that it does not keep a whole call's inputs alive); else a view (a
+    decoding step dispatches nothing for it, nor does the next piece of a stretch)."""
     cache = inputs[:, new : new + width]
-    return cache.clone() if inputs.shape[1] > width + CausalDepthwiseConv.SHORT else cache
+    return cache.clone() if kept and inputs.shape[1] > width + CausalDepthwiseConv.SHORT else cache
 
 
 @dataclass
@@ -126,7 +127,7 @@ class Addresses:
 
     - `normed`: the normed tokens `(b, n, dim)`;
     - `read_queries`: the queries without the convolution `(b, h, n, d)` (as `read_queries`'s);
-    - `queries`, `keys`: as `forward` computes them from `key_seq`, `(b, h, n, d)`;
+    - `queries`, `keys`: as `forward` computes them from its own input, `(b, h, n, d)`;
     - `conv_inputs`: the query and key convolutions' inputs with their caches in front,
       `{"query": (b, kernel - 1 + n, h d), "key": ...}` (empty without convolutions), shared by the pieces;
     - `end`: where the stretch (or piece) ends in them, so that its caches are `conv_caches`;
@@ -159,10 +160,9 @@ class Addresses:
 
     def conv_caches(self, width: int) -> dict:
         """The query and key convolutions' caches after the stretch (or piece): views into the whole
-        stretch's inputs, but for its last piece, whose `conv_cache` copies them out of a long call."""
-        if self.ends_stretch(width):
-            return {name: conv_cache(t, self.end, width) for name, t in self.conv_inputs.items()}
-        return {name: t[:, self.end : self.end + width] for name, t in self.conv_inputs.items()}
+        stretch's inputs, but for its last piece (the state a caller keeps, `conv_cache`)."""
+        kept = self.ends_stretch(width)
+        return {name: conv_cache(t, self.end, width, kept) for name, t in self.conv_inputs.items()}
 
 
 class NeuralMemory(nn.Module):
@@ -330,13 +330,9 @@ class NeuralMemory(nn.Module):
             queries = l2_normalize(queries)
         return queries.transpose(1, 2)
 
-    def _keys_values_gates(self, x, state, key_x=None):
+    def _keys_values_gates(self, x, state):
         inner = self.heads * self.dim_head
-        if key_x is None:
-            keys_values = self.to_keys_values(x)
-        else:  # keys from key_x, values (and gates) from x
-            weight = self.to_keys_values.weight
-            keys_values = torch.cat((F.linear(key_x, weight[:inner]), F.linear(x, weight[inner:])), dim=-1)
+        keys_values = self.to_keys_values(x)
         if self.qkv_activation:
             keys_values = F.silu(keys_values)
         conv = dict(state.conv)
@@ -366,9 +362,7 @@ class NeuralMemory(nn.Module):
         if self.conv_kernel_size:
             values, inputs = self.key_value_conv(values, state.conv["value"], channels=slice(inner, None))
             width = self.conv_kernel_size - 1
-            value_cache = inputs[:, values.shape[1] :]  # the next piece's: a view (the pieces are short)
-            if addresses.ends_stretch(width):
-                value_cache = conv_cache(inputs, values.shape[1], width)
+            value_cache = conv_cache(inputs, values.shape[1], width, addresses.ends_stretch(width))
             conv = {**addresses.conv_caches(width), "value": value_cache}
         values = values.unflatten(-1, (self.heads, self.dim_head))
         if self.value_l2norm:
@@ -466,21 +460,20 @@ class NeuralMemory(nn.Module):
         self._check_input(seq)
         state = self._check_state(state, seq.shape[0], seq.device, self._inner_dtype(seq.dtype))
         x = self.norm(seq)
-        if addresses is not None:
-            if key_seq is not None:
+        if key_seq is not None:  # addressed by other tokens: their keys and queries, as one stretch
+            if addresses is not None:
                 raise ValueError("give key_seq or addresses, not both")
+            self._check_input(key_seq, "key_seq")
+            if key_seq.shape != seq.shape:
+                raise ValueError(f"key_seq must have the shape of seq {tuple(seq.shape)}, got {tuple(key_seq.shape)}")
+            addresses = self.addresses(key_seq, state)
+        if addresses is not None:
             self._check_addresses(addresses, seq, state)
             keys, queries = addresses.keys, addresses.queries
             values, gates, conv = self._values_gates(x, state, addresses)
         else:
-            key_x = None
-            if key_seq is not None:
-                self._check_input(key_seq, "key_seq")
-                if key_seq.shape != seq.shape:
-                    raise ValueError(f"key_seq must have the shape of seq {tuple(seq.shape)}, got {tuple(key_seq.shape)}")
-                key_x = self.norm(key_seq)
-            queries, conv = self._queries(x if key_x is None else key_x, state)
-            keys, values, gates, conv = self._keys_values_gates(x, replace(state, conv=conv), key_x)
+            queries, conv = self._queries(x, state)
+            keys, values, gates, conv = self._keys_values_gates(x, replace(state, conv=conv))
         with torch.autocast(seq.device.type, enabled=False):
             state, retrieved = self._advance(state, keys, values, gates, queries)
         state = replace(state, conv=conv)
@@ -502,7 +495,7 @@ class NeuralMemory(nn.Module):
 
     def addresses(self, key_seq, state: NeuralMemoryState | None = None) -> Addresses:
         """The keys and queries of `key_seq (batch, n, dim)` continuing `state` (None: the initial
-        memory), as `forward(seq, state, key_seq=key_seq)` computes them, for a caller that writes
+        memory), as `forward(seq, state, key_seq=key_seq)` uses them, for a caller that writes
         the stretch piece by piece, `forward(piece, state, addresses=...)` with each piece's
         (`Addresses.split`). Memory as context computes them once per call, and reads its
         retrieved tokens with the same normed tokens and unconvolved queries (`normed`, `read_queries`)."""
