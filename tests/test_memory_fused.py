@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dispatch import Created
+from dispatch import ComputeOps, Created
 from titans_pytorch import LinearMemory, MemoryMLP, NeuralMemory, ResidualNormMemory
 from titans_pytorch.memory.chunking import sequential_states, update_terms
 from titans_pytorch.memory.closed_form import ClosedFormNetwork
 from titans_pytorch.memory.functional import TorchFuncNetwork
+from titans_pytorch.memory.fused import FusedChunkLoop
 
 def pin_fused(mem):
     """`mem` running the fused loop whatever the device and chunk size."""
@@ -175,6 +176,31 @@ def test_fused_float32_on_either_gelu_kernel(size):
     assert torch.backends.mkldnn.enabled
     for reference, value in zip(*results):
         torch.testing.assert_close(value.double(), reference, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("momentum, forward_ops, backward_ops", [(True, 16, 29), (False, 16, 26)])
+def test_a_chunk_of_the_default_network_dispatches_a_fixed_number_of_ops(momentum, forward_ops, backward_ops):
+    # the loop's host work per chunk, whatever the number of chunks (issue 12's bar: 60 forward and
+    # backward together); a change that adds an op per chunk shows here, and in bench_memory.py
+    torch.manual_seed(0)
+    network = ClosedFormNetwork.of(ResidualNormMemory(8))  # the default network
+    rows = 2 if momentum else 1
+
+    def ops(chunks):
+        state = torch.randn(2, rows, network.layout.size, requires_grad=True)
+        keys, offsets = (torch.randn(2, chunks, 4, 8, requires_grad=True) for _ in range(2))
+        token_weights = torch.randn(2, chunks, 4, rows, requires_grad=True)
+        transitions = torch.randn(2, chunks, rows, rows, requires_grad=True)
+        with ComputeOps() as forward:
+            starts, final = FusedChunkLoop.apply(network, state, keys, offsets, token_weights, transitions)
+        loss = starts.square().sum() + final.square().sum()
+        starts_grad, final_grad = torch.autograd.grad(loss, (starts, final), retain_graph=True)
+        with ComputeOps() as backward:
+            torch.autograd.backward((starts, final), (starts_grad, final_grad))
+        return forward.count, backward.count
+
+    (forward_2, backward_2), (forward_6, backward_6) = ops(2), ops(6)
+    assert ((forward_6 - forward_2) / 4, (backward_6 - backward_2) / 4) == (forward_ops, backward_ops)
 
 
 def test_onednn_switch_left_as_the_user_set_it():

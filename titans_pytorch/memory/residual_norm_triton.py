@@ -2,7 +2,8 @@
 
 In `fused.py` a chunk's norm is a row of small aten ops: forward the LayerNorm, the residual
 `e = o + n * s / sqrt(d)`, `e * s`, the LayerNorm's backward (the delta) and `e * n` (5 ops);
-backward the gradients through all of them (13 ops). On a GPU each op is a kernel of a few
+backward the gradients through all of them (11 ops, the residual's own gradient batched after the
+loop). On a GPU each op is a kernel of a few
 microseconds whatever its size, and the chunk loop runs them once per chunk. Here each direction
 is one kernel: one program per (batch x head) row, over its chunk's `c` tokens in tiles of whole
 tokens (the norm reduces over a token's `d` features; the scale's gradient sums over the tiles).
