@@ -70,6 +70,18 @@ def test_a_second_derivative_is_refused_not_wrong(float64):
         grad.sum().backward()
 
 
+def test_a_connection_adds_its_residual_once(float64):
+    # add_residual writes into the connection's mix in place: a second call would add twice, so it is refused
+    fused = connection(2, 8)
+    x = torch.randn(3 * 2, 1, 8)
+    branch_input, add_residual = fused(x)
+    branch = torch.randn_like(branch_input)
+    expected_input, expected_add = HyperConnections.forward(fused, x)
+    torch.testing.assert_close(add_residual(branch), expected_add(branch), atol=1e-12, rtol=0)
+    with pytest.raises(RuntimeError, match="once per connection"):
+        add_residual(branch)
+
+
 def test_other_layouts_go_through_the_librarys_forward(float64):
     # (batch streams, length, dim) with length > 1: the library's own layout, its own code
     fused = connection(2, 8)

@@ -74,7 +74,7 @@ class _StreamMix(torch.autograd.Function):
     def backward(ctx, grad_branch, grad_streams):
         x, alpha = ctx.saved_tensors
         to_branch, to_streams = alpha[..., :1].contiguous(), alpha[..., 1:].contiguous()
-        grad_x = torch.baddbmm(torch.bmm(to_branch, grad_branch), to_streams, grad_streams)
+        grad_x = torch.bmm(to_branch, grad_branch).baddbmm_(to_streams, grad_streams)  # in place: no copy of the first
         grad_alpha = torch.cat((torch.bmm(x, grad_branch.transpose(1, 2)), torch.bmm(x, grad_streams.transpose(1, 2))), dim=-1)
         return grad_x, grad_alpha
 
@@ -83,7 +83,7 @@ class FusedHyperConnections(HyperConnections):
     """The library's `HyperConnections` (Algorithm 2 of Zhu et al., 2024), for its default options
     (one input view, no fractions, tanh, channels last, no dropout), computed as the module docstring
     says. `connection(x)` with `x ((batch streams), 1, dim)` -> `(branch_input (batch, 1, dim),
-    add_residual)`, `add_residual(branch_output (batch, 1, dim)) -> ((batch streams), 1, dim)`, as the
+    add_residual)`, `add_residual(branch_output (batch, 1, dim)) -> ((batch streams), 1, dim)` (once), as the
     library's (`branch_output` a tensor); any other layout goes through the library's forward. Under
     autocast the mix runs in the streams' dtype (the library's runs as a half-precision matmul)."""
 
@@ -105,9 +105,15 @@ class FusedHyperConnections(HyperConnections):
             beta = torch.addcmul(self.static_beta.to(dtype)[:, None], act[..., -1:], self.dynamic_beta_scale.to(dtype))
             branch_input, mixed = _StreamMix.apply(x, alpha)
 
+        added = []
+
         def add_residual(branch_output):
+            # into the mix in place (an out-of-place baddbmm copies its input first), so once a connection
+            if added:
+                raise RuntimeError("add_residual adds into its connection's mix in place: call it once per connection")
+            added.append(True)
             with torch.autocast(residuals.device.type, enabled=False):
                 branch = branch_output.to(dtype).reshape(-1, 1, dim)
-                return torch.baddbmm(mixed, beta, branch).view(residuals.shape)
+                return mixed.baddbmm_(beta, branch).view(residuals.shape)
 
         return branch_input, add_residual
