@@ -111,9 +111,10 @@ class FusedHyperConnections(HyperConnections):
             # into the mix in place (an out-of-place baddbmm copies its input first), so once a connection
             if added:
                 raise RuntimeError("add_residual adds into its connection's mix in place: call it once per connection")
-            added.append(True)
             with torch.autocast(residuals.device.type, enabled=False):
                 branch = branch_output.to(dtype).reshape(-1, 1, dim)
-                return mixed.baddbmm_(beta, branch).view(residuals.shape)
+                out = mixed.baddbmm_(beta, branch).view(residuals.shape)
+            added.append(True)
+            return out
 
         return branch_input, add_residual
