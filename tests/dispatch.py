@@ -44,20 +44,6 @@ class Created(TorchDispatchMode):
         return [t for t in (ref() for ref in self.tensors) if t is not None and all(t is not k for k in keep)]
 
 
-class ComputeOps(TorchDispatchMode):
-    """Counts the aten compute ops dispatched inside it (views move no data and are not counted): on a
-    GPU each is a kernel, and at small sizes each costs the host about the same whatever it computes."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 class HostReads(TorchDispatchMode):
     """Counts the aten ops dispatched inside it that read a tensor's values back to the host (on a
     GPU each waits for the device: a sync, and no CUDA graph can capture it)."""

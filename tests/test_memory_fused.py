@@ -4,12 +4,14 @@ dual form for short chunks, so these tests pin the fused loop (`pin_fused`)."""
 
 import dataclasses
 import gc
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dispatch import ComputeOps, Created
+from dispatch import Created
 from titans_pytorch import LinearMemory, MemoryMLP, NeuralMemory, ResidualNormMemory
 from titans_pytorch.memory.chunking import sequential_states, update_terms
 from titans_pytorch.memory.closed_form import ClosedFormNetwork
@@ -181,7 +183,11 @@ def test_fused_float32_on_either_gelu_kernel(size):
 @pytest.mark.parametrize("momentum, forward_ops, backward_ops", [(True, 16, 29), (False, 16, 26)])
 def test_a_chunk_of_the_default_network_dispatches_a_fixed_number_of_ops(momentum, forward_ops, backward_ops):
     # the loop's host work per chunk, whatever the number of chunks (issue 12's bar: 60 forward and
-    # backward together); a change that adds an op per chunk shows here, and in bench_memory.py
+    # backward together), counted as bench_memory.py counts it (its DispatchCounter)
+    spec = importlib.util.spec_from_file_location(
+        "bench_memory", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py")
+    bench_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_memory)
     torch.manual_seed(0)
     network = ClosedFormNetwork.of(ResidualNormMemory(8))  # the default network
     rows = 2 if momentum else 1
@@ -191,13 +197,13 @@ def test_a_chunk_of_the_default_network_dispatches_a_fixed_number_of_ops(momentu
         keys, offsets = (torch.randn(2, chunks, 4, 8, requires_grad=True) for _ in range(2))
         token_weights = torch.randn(2, chunks, 4, rows, requires_grad=True)
         transitions = torch.randn(2, chunks, rows, rows, requires_grad=True)
-        with ComputeOps() as forward:
+        with bench_memory.DispatchCounter() as forward:
             starts, final = FusedChunkLoop.apply(network, state, keys, offsets, token_weights, transitions)
         loss = starts.square().sum() + final.square().sum()
         starts_grad, final_grad = torch.autograd.grad(loss, (starts, final), retain_graph=True)
-        with ComputeOps() as backward:
+        with bench_memory.DispatchCounter() as backward:
             torch.autograd.backward((starts, final), (starts_grad, final_grad))
-        return forward.count, backward.count
+        return forward.compute, backward.compute
 
     (forward_2, backward_2), (forward_6, backward_6) = ops(2), ops(6)
     assert ((forward_6 - forward_2) / 4, (backward_6 - backward_2) / 4) == (forward_ops, backward_ops)

@@ -190,7 +190,7 @@ class AtenResidualNorm:
         return normed, mean, rstd, layer_norm_backward(scaled, z, mean, rstd), residual * normed
 
     def __init__(self, z_last, normed, mean, rstd, residual, scaled, delta, scales):
-        num_chunks, batch, chunk, dim = z_last.shape
+        num_chunks, _, chunk, dim = z_last.shape
         root = dim**-0.5
         # per token: <e s, n> and rstd fold into two factors; <grad, n> and <grad, rstd delta>
         # come out of one batched matmul with [n, rstd delta] stacked
@@ -446,9 +446,11 @@ class FusedChunkLoop(torch.autograd.Function):
             transposed_transitions = transitions.transpose(0, 1).transpose(2, 3).unbind(0)
             order = _part_order(network)
             grad_residuals = [None] * num_chunks
-            # the first layer's output gradient, into a buffer where the loop's last op can write it
-            grad_z0 = keys.new_empty(num_chunks, batch, chunk_size, _widths(network)[0]) if depth > 1 else [None] * num_chunks
-            grad_z0_chunks = grad_z0.unbind(0) if depth > 1 else [None] * num_chunks
+            if depth > 1:  # the first layer's output gradient, written into a buffer by the op that computes it
+                grad_z0 = keys.new_empty(num_chunks, batch, chunk_size, _widths(network)[0])
+                grad_z0_chunks = grad_z0.unbind(0)
+            else:
+                grad_z0 = [None] * num_chunks
 
             for j in range(num_chunks - 1, -1, -1):
                 grads = [None] * len(order)  # the chunk's weight gradients, in `names` order, then the scale
